@@ -1,0 +1,1219 @@
+"""
+Shared pieces of the few-step distillation files: distributed setup, Config -> CLI, data (the exact
+Gaussian-mixture worlds, image folders, .npz arrays, CIFAR-10), the two backbones, the teacher
+interface, the flow-matching teacher trainer, training utilities, pictures and toy metrics.
+
+One time convention everywhere (rectified flow, as FLUX / SD3 / pi-Flow):
+    x_t = (1 - t) * x0 + t * eps,  t in [0, 1],  t = 1 is pure noise,
+    u = eps - x0 (velocity),  dx/dt = u,  sampling integrates t from 1 down to 0,
+    x0_hat = x_t - t * u,  eps_hat = x_t + (1 - t) * u.
+
+Train a flow-matching teacher (the learned counterpart of the analytic mixture teacher):
+    python common.py teacher                                  # 2D checkerboard, ~1 min on a laptop CPU
+    python common.py teacher --data glyphs16 --steps 4000
+    python common.py teacher --data /datasets/cifar10 --image-size 32 --steps 400000 --batch 512
+    torchrun --standalone --nproc_per_node=8 common.py teacher --data /datasets/cifar10 ...
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+
+def fail(message):
+    """Stop with a one-line error (non-zero exit, no traceback): the message says what to do."""
+    raise SystemExit(f"error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distributed: torchrun (RANK / LOCAL_RANK / WORLD_SIZE) or one plain process
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+
+DIST = Dist()  # filled in by setup_dist; read by the helpers below
+
+
+def setup_dist(device="auto", seed=0):
+    """Initialise torch.distributed when launched by torchrun; choose the device; seed per rank."""
+    global DIST
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    DIST = Dist(rank, local_rank, world, device)
+    seed_all(seed + rank)  # different noise per rank, reproducible per (seed, rank)
+    return DIST
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def is_main():
+    return DIST.rank == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def reduce_mean(scalars):
+    """All-reduced mean over ranks of a dict of floats (for logging)."""
+    if not dist.is_initialized():
+        return {k: float(v) for k, v in scalars.items()}
+    keys = sorted(scalars)
+    t = torch.tensor([float(scalars[k]) for k in keys], dtype=torch.float64, device=DIST.device)
+    dist.all_reduce(t)
+    return {k: v / DIST.world for k, v in zip(keys, t.tolist())}
+
+
+def broadcast_int(value):
+    """Rank 0's integer, on every rank (e.g. one backward-simulation depth shared by all ranks)."""
+    if not dist.is_initialized():
+        return int(value)
+    t = torch.tensor([int(value)], device=DIST.device)
+    dist.broadcast(t, 0)
+    return int(t.item())
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model):
+    """DDP for a trainable network when world > 1 (no device_ids on CPU)."""
+    if DIST.world == 1:
+        return model
+    ids = [DIST.device.index] if DIST.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model):
+    """The plain module: torch.func.jvp and checkpoints use it, never the DDP wrapper."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config -> CLI: every dataclass field becomes --field-name value (bools: --flag / --no-flag)
+
+def parse_config(config_cls, argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=True)
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=f.name.upper())
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        valid = " ".join("--" + f.name.replace("_", "-") for f in dataclasses.fields(config_cls))
+        fail(f"unknown argument(s) {' '.join(unknown)}; valid flags are: {valid}")
+    return config_cls(**vars(args))
+
+
+def floats(text):
+    """'1,0.75,0.5' -> [1.0, 0.75, 0.5] (lists of times are plain strings in a Config)."""
+    try:
+        return [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        fail(f"expected a comma-separated list of numbers, got {text!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Gaussian-mixture world: x0 ~ sum_k w_k N(mu_k, s_k^2 I). Every quantity of the rectified-flow
+# path is closed form, so the world is also the exact (analytic) teacher.
+#   x_t | k ~ N((1 - t) mu_k, v_k(t) I),  v_k(t) = (1 - t)^2 s_k^2 + t^2
+#   E[x0 | x_t, k]  = mu_k + (1 - t) s_k^2 / v_k * (x_t - (1 - t) mu_k)
+#   E[eps | x_t, k] = t / v_k * (x_t - (1 - t) mu_k)
+#   u = sum_k r_k (E[eps | x_t, k] - E[x0 | x_t, k]),  r_k = responsibilities at (x_t, t)
+
+class GaussianMixture:
+    def __init__(self, weights, means, stds, labels=None, shape=None, name="mixture"):
+        self.weights = torch.as_tensor(np.asarray(weights), dtype=torch.float64)
+        self.weights = self.weights / self.weights.sum()
+        self.means = torch.as_tensor(np.asarray(means), dtype=torch.float64).reshape(len(self.weights), -1)
+        self.stds = torch.as_tensor(np.asarray(stds), dtype=torch.float64).reshape(-1).expand(len(self.weights)).clone()
+        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.num_classes = 0 if self.labels is None else int(self.labels.max()) + 1
+        self.dim = self.means.shape[1]
+        self.shape = tuple(int(s) for s in shape) if shape is not None else (self.dim,)
+        self.name = name
+        self._cast = {}
+        if math.prod(self.shape) != self.dim:
+            fail(f"mixture shape {self.shape} does not match mean dimension {self.dim}")
+
+    def _params(self, ref):
+        key = (ref.dtype, ref.device)
+        if key not in self._cast:
+            p = [self.weights.log(), self.means, self.stds]
+            p = [a.to(device=ref.device, dtype=ref.dtype) for a in p]
+            p.append((p[1] ** 2).sum(1))  # |mu_k|^2 for distances by matmul
+            p.append(None if self.labels is None else self.labels.to(ref.device))
+            self._cast[key] = p
+        return self._cast[key]
+
+    def sample(self, n, y=None, generator=None, device="cpu"):
+        """n samples (shaped like the data) and their class labels (None for unconditional worlds)."""
+        if y is not None and self.labels is not None:
+            comp = torch.empty(n, dtype=torch.long)
+            for c in range(self.num_classes):  # draw the component within each requested class
+                rows = (y.cpu() == c).nonzero().flatten()
+                w = self.weights * (self.labels == c)
+                comp[rows] = torch.multinomial(w, len(rows), replacement=True, generator=generator) if len(rows) else comp[rows]
+        else:
+            comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        x = self.means[comp] + self.stds[comp, None] * noise
+        labels = None if self.labels is None else self.labels[comp]
+        x = x.float().reshape(n, *self.shape).to(device)
+        return x, (None if labels is None else labels.to(device))
+
+    def _log_gauss_t(self, x, t):
+        """log N(x; (1 - t) mu_k, v_k(t) I) for every component: (B, K). t has shape (B,)."""
+        logw, mu, s, mu2, _ = self._params(x)
+        x = x.reshape(len(x), -1)
+        a = (1 - t)[:, None]
+        var = a ** 2 * s[None] ** 2 + t[:, None] ** 2
+        dist2 = (x ** 2).sum(1, keepdim=True) - 2 * a * (x @ mu.T) + a ** 2 * mu2[None]
+        return -0.5 * dist2.clamp_min(0) / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
+
+    def _logits(self, x, t, y):
+        """Log joint of component and x_t, with components of other classes masked when y is given.
+        y == num_classes (the null label) or y None means unconditional."""
+        logw, _, _, _, labels = self._params(x)
+        logits = logw[None] + self._log_gauss_t(x, t)
+        if y is not None and labels is not None:
+            keep = (labels[None] == y[:, None]) | (y[:, None] == self.num_classes)
+            logits = logits.masked_fill(~keep, -float("inf"))
+        return logits
+
+    def _t(self, t, x):
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        return t.expand(len(x)) if t.ndim == 0 else t.reshape(len(x))
+
+    def log_prob_t(self, x, t, y=None):
+        """log p_t(x) (or log p_t(x | y)), closed form."""
+        return torch.logsumexp(self._logits(x, self._t(t, x), y), 1)
+
+    def log_prob(self, x, y=None):
+        """log p0(x): the data density."""
+        return self.log_prob_t(x, 0.0, y)
+
+    def posterior(self, x, t, y=None):
+        return torch.softmax(self._logits(x, self._t(t, x), y), 1)
+
+    def _conditional_velocity(self, x, t, y):
+        _, mu, s, _, _ = self._params(x)
+        r = self.posterior(x, t, y)
+        a = (1 - t)[:, None]
+        var = a ** 2 * s[None] ** 2 + t[:, None] ** 2
+        coef = (t[:, None] - a * s[None] ** 2) / var  # u = sum_k r_k [coef_k (x - a mu_k) - mu_k]
+        flat = x.reshape(len(x), -1)
+        u = (r * coef).sum(1, keepdim=True) * flat - (r * (coef * a + 1)) @ mu
+        return u.reshape(x.shape)
+
+    def velocity(self, x, t, y=None, cfg=1.0, interval=None):
+        """The teacher interface: exact velocity, CFG u_unc + cfg (u_cond - u_unc), optionally only for
+        t inside interval = (t_lo, t_hi) (guidance interval; cfg 1 outside)."""
+        t = self._t(t, x)
+        if y is None or self.labels is None:
+            return self._conditional_velocity(x, t, None)
+        cfg = torch.as_tensor(cfg, dtype=x.dtype, device=x.device).expand(len(x))
+        if interval is not None:
+            cfg = torch.where((t >= interval[0]) & (t <= interval[1]), cfg, torch.ones_like(cfg))
+        u_cond = self._conditional_velocity(x, t, y)
+        if bool((cfg == 1).all()):
+            return u_cond
+        u_unc = self._conditional_velocity(x, t, torch.full_like(y, self.num_classes))
+        return u_unc + cfg.view(-1, *[1] * (x.ndim - 1)) * (u_cond - u_unc)
+
+    def x0_mean(self, x, t, y=None):
+        """E[x0 | x_t] (conditional on y when given)."""
+        t = self._t(t, x)
+        return x - t.view(-1, *[1] * (x.ndim - 1)) * self._conditional_velocity(x, t, y)
+
+    def nearest_component(self, x):
+        """Most likely component of each clean sample (for mode coverage and class accuracy)."""
+        return self._logits(x, self._t(0.0, x), None).argmax(1)
+
+    def spec(self):
+        """Everything that identifies the world (for cache keys and checkpoints)."""
+        h = hashlib.sha1()
+        for a in (self.weights, self.means, self.stds) + (() if self.labels is None else (self.labels,)):
+            h.update(a.numpy().tobytes())
+        return f"{self.name}-{h.hexdigest()[:12]}"
+
+
+def _grid_squares(cells, per_side=3, cell=1.0, std=0.12):
+    """Tile each square cell (lower-left corner) with per_side^2 small Gaussians: a near-uniform square."""
+    offsets = (np.arange(per_side) + 0.5) / per_side * cell
+    means = [(cx + ox, cy + oy) for cx, cy in cells for ox in offsets for oy in offsets]
+    return np.ones(len(means)), np.array(means), np.full(len(means), std)
+
+
+def _glyph_prototypes(per_class=32, size=16, seed=0):
+    """Digits 0-9 drawn with Pillow's built-in font at varying position, size and stroke, in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    means, labels = [], []
+    for digit in range(10):
+        for _ in range(per_class):
+            font = ImageFont.load_default(size=int(rng.integers(10, 15)))
+            img = Image.new("L", (size, size), 0)
+            draw = ImageDraw.Draw(img)
+            left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font)
+            x = (size - (right - left)) / 2 - left + rng.uniform(-2, 2)
+            y = (size - (bottom - top)) / 2 - top + rng.uniform(-2, 2)
+            draw.text((x, y), str(digit), fill=255, font=font, stroke_width=int(rng.integers(0, 2)), stroke_fill=255)
+            means.append(np.asarray(img, dtype=np.float64).reshape(-1) / 127.5 - 1)
+            labels.append(digit)
+    return np.array(means), np.array(labels)
+
+
+WORLD_PRESETS = ("checkerboard", "8gaussians", "spiral", "glyphs16")
+
+
+def make_world(name):
+    """A preset name or a path to an .npz mixture (weights, means, stds, optional labels and shape)."""
+    if name == "checkerboard":  # the 4x4 board on [-2, 2]^2 with 8 filled unit cells
+        cells = [(x, y) for x in range(-2, 2) for y in range(-2, 2) if (x + y) % 2 == 0]
+        w, mu, s = _grid_squares(cells)
+        return GaussianMixture(w, mu, s, name=name)
+    if name == "8gaussians":
+        angles = np.arange(8) * np.pi / 4
+        return GaussianMixture(np.ones(8), 2 * np.stack([np.cos(angles), np.sin(angles)], 1), np.full(8, 0.15), name=name)
+    if name == "spiral":
+        r = np.linspace(0.3, 2.2, 48)
+        theta = r * 2.6 * np.pi / 2.2
+        return GaussianMixture(np.ones(48), np.stack([r * np.cos(theta), r * np.sin(theta)], 1), np.full(48, 0.07), name=name)
+    if name == "glyphs16":
+        mu, labels = _glyph_prototypes()
+        return GaussianMixture(np.ones(len(mu)), mu, np.full(len(mu), 0.05), labels, shape=(1, 16, 16), name=name)
+    if name.endswith(".npz"):
+        if not os.path.isfile(name):
+            fail(f"mixture file {name} not found; give an .npz with arrays weights, means, stds (and optional labels, shape)")
+        f = np.load(name)
+        missing = {"weights", "means", "stds"} - set(f.files)
+        if missing:
+            fail(f"{name} lacks arrays {sorted(missing)}; a mixture .npz holds weights (K,), means (K, D), stds (K,)")
+        return GaussianMixture(f["weights"], f["means"], f["stds"], f["labels"] if "labels" in f.files else None,
+                               f["shape"] if "shape" in f.files else None, name=os.path.basename(name)[:-4])
+    return None
+
+
+def euler_sample(velocity, z, nfe, y=None, cfg=1.0, t_grid=None):
+    """Euler integration of dx/dt = velocity(x, t, y, cfg) from t = 1 to t = 0 in nfe uniform steps."""
+    ts = torch.linspace(1, 0, nfe + 1, dtype=z.dtype) if t_grid is None else t_grid
+    x = z
+    for t0, t1 in zip(ts[:-1].tolist(), ts[1:].tolist()):
+        x = x + (t1 - t0) * velocity(x, torch.full((len(x),), t0, dtype=z.dtype, device=z.device), y, cfg)
+    return x
+
+
+def reference_ode(velocity, z, y=None, cfg=1.0, steps=64, t_from=1.0, t_to=0.0):
+    """Accurate ODE solution: classical RK4 on a grid that crowds toward t = 0 (where mixtures with
+    small stds make the velocity stiff). Returns (x, err) where err is the RMS gap to the same solver
+    with half the steps, an honest estimate of the remaining error."""
+    def solve(n):
+        s = torch.linspace(0, 1, n + 1, dtype=torch.float64)
+        ts = t_to + (t_from - t_to) * (1 - s) ** 3  # cubic warp: fine steps near t_to
+        x = z
+        for t0, t1 in zip(ts[:-1].tolist(), ts[1:].tolist()):
+            h = t1 - t0
+            f = lambda xx, tt: velocity(xx, torch.full((len(z),), tt, dtype=z.dtype, device=z.device), y, cfg)
+            k1 = f(x, t0)
+            k2 = f(x + h / 2 * k1, t0 + h / 2)
+            k3 = f(x + h / 2 * k2, t0 + h / 2)
+            k4 = f(x + h * k3, t1)
+            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return x
+    x, x_half = solve(steps), solve(steps // 2)
+    return x, float((x - x_half).pow(2).mean().sqrt())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real data: image folders, .npz arrays and the CIFAR-10 python tarball, from local paths only
+
+def _load_image_folder(path, size):
+    exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(exts))
+    if not files:
+        fail(f"no images (png/jpg/jpeg/bmp/webp) found under {path}")
+    classes = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
+    has_classes = classes != ["."]
+    images, labels = [], []
+    for f in tqdm(files, desc="reading images", disable=not is_main() or len(files) < 1000):
+        img = Image.open(f).convert("RGB")
+        s = min(img.size)  # center crop to a square, then resize
+        left, top = (img.width - s) // 2, (img.height - s) // 2
+        img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+        images.append(np.asarray(img))
+        labels.append(classes.index(os.path.relpath(os.path.dirname(f), path)) if has_classes else 0)
+    return np.stack(images), (np.array(labels) if has_classes else None)
+
+
+def _load_cifar10(path):
+    batches = [f"data_batch_{i}" for i in range(1, 6)]
+    if os.path.isfile(path):  # the tarball as published
+        with tarfile.open(path) as tar:
+            data = [pickle.load(tar.extractfile(f"cifar-10-batches-py/{b}"), encoding="bytes") for b in batches]
+    else:
+        root = path if os.path.isfile(os.path.join(path, batches[0])) else os.path.join(path, "cifar-10-batches-py")
+        data = []
+        for b in batches:
+            with open(os.path.join(root, b), "rb") as fh:
+                data.append(pickle.load(fh, encoding="bytes"))
+    x = np.concatenate([d[b"data"] for d in data]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return x, np.concatenate([d[b"labels"] for d in data])
+
+
+def _is_cifar(path):
+    return path.endswith("cifar-10-python.tar.gz") or os.path.isfile(os.path.join(path, "data_batch_1")) or \
+        os.path.isfile(os.path.join(path, "cifar-10-batches-py", "data_batch_1"))
+
+
+class DataSource:
+    """Batches (x, y) of training data, sharded per rank, reshuffled every epoch. A mixture world draws
+    fresh samples instead. The iterator state is part of checkpoints so that resume is exact."""
+
+    def __init__(self, spec, image_size=32, hflip=False, seed=0, class_conditional=True):
+        self.world = make_world(spec)
+        self.name = spec
+        self.hflip, self.gen = hflip, torch.Generator().manual_seed(seed * 1000 + DIST.rank)
+        self.epoch, self.pos = 0, 0
+        if self.world is not None:
+            self.shape, self.num_classes = self.world.shape, self.world.num_classes
+            return
+        if not os.path.exists(spec):
+            fail(f"data {spec!r} is neither a preset ({', '.join(WORLD_PRESETS)}), a mixture .npz, nor an existing path")
+        if _is_cifar(spec):
+            images, labels = _load_cifar10(spec)
+        elif spec.endswith(".npz"):
+            f = np.load(spec)
+            key = "arr_0" if "arr_0" in f.files else f.files[0]
+            images = f[key]
+            labels = f["labels"] if "labels" in f.files else (f["arr_1"] if "arr_1" in f.files else None)
+        elif os.path.isdir(spec):
+            images, labels = _load_image_folder(spec, image_size)
+        else:
+            fail(f"cannot read {spec}: expected an image folder, an .npz array, or CIFAR-10 (tarball or batches folder)")
+        if images.dtype == np.uint8:  # NHWC images -> NCHW in [-1, 1]
+            data = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        else:  # float latents, used as stored (NCHW or flat vectors)
+            data = torch.from_numpy(images.astype(np.float32))
+        if not class_conditional:
+            labels = None
+        self.data = data[DIST.rank::DIST.world]
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)[DIST.rank::DIST.world]
+        self.shape = tuple(self.data.shape[1:])
+        self.num_classes = 0 if self.labels is None else int(labels.max()) + 1
+        self.order = torch.randperm(len(self.data), generator=self.gen)
+
+    def next_batch(self, batch, device):
+        if self.world is not None:
+            y = None if not self.num_classes else torch.randint(0, self.num_classes, (batch,), generator=self.gen)
+            return self.world.sample(batch, y, generator=self.gen, device=device)
+        parts, need = [], batch
+        while need:
+            if self.pos == len(self.order):  # epoch boundary: a fresh permutation
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.order = torch.randperm(len(self.data), generator=self.gen)
+            take = self.order[self.pos:self.pos + need]
+            parts.append(take)
+            self.pos, need = self.pos + len(take), need - len(take)
+        idx = torch.cat(parts)
+        x = self.data[idx]
+        if self.hflip:
+            flip = torch.rand(len(x), generator=self.gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        y = None if self.labels is None else self.labels[idx]
+        return x.to(device), (None if y is None else y.to(device))
+
+    def state_dict(self):
+        return {"gen": self.gen.get_state(), "epoch": self.epoch, "pos": self.pos,
+                "order": getattr(self, "order", torch.zeros(0, dtype=torch.long))}
+
+    def load_state_dict(self, s):
+        self.gen.set_state(s["gen"])
+        self.epoch, self.pos = s["epoch"], s["pos"]
+        if self.world is None:
+            self.order = s["order"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backbones. One call signature for both:  net(x, t, y=None, s=None, g=None, return_features=False)
+#   t: time in [0, 1] (B,); s: optional second time (flow maps); g: optional guidance scale;
+#   y: class label, num_classes is the null label (CFG); return_features also gives (B, hidden)
+#   bottleneck features for heads. Plain-softmax attention so torch.func.jvp works (the fused SDPA
+#   kernels have no forward-mode AD).
+
+def timestep_embedding(t, dim, scale=1000.0):
+    """Sinusoidal positional embedding of scale * t, computed in fp32 (bf16 here breaks JVP tangents)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = scale * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], 1)
+
+
+class ScalarEmbedder(nn.Module):
+    """Sinusoidal features of a scalar -> 2-layer MLP. zero_init makes a new input start as a no-op
+    (students gaining a second time or a guidance input begin exactly at the teacher)."""
+
+    def __init__(self, hidden, freq_dim=128, scale=1000.0, zero_init=False):
+        super().__init__()
+        self.freq_dim, self.scale = freq_dim, scale
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        if zero_init:
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, v):
+        emb = timestep_embedding(v, self.freq_dim, self.scale)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+def pixel_norm(a, eps=1e-4):
+    return a / torch.sqrt(a.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class Modulation(nn.Module):
+    """Conditioned normalisation. 'adaln_zero' (DiT): norm(x) (1 + scale) + shift, zero-initialised.
+    'adn' (sCM §4.1, adaptive double normalisation): norm(x) pnorm(1 + scale) + pnorm(shift), the
+    modulations pixel-normalised over channels (the +1 offset follows sCM-mnist; the paper is silent).
+    Both return a gate (zero-initialised) for the residual branch."""
+
+    def __init__(self, hidden, norm):
+        super().__init__()
+        self.norm_kind = norm
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.proj = nn.Linear(hidden, 3 * hidden)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x, c):
+        shift, scale, gate = self.proj(F.silu(c)).chunk(3, -1)
+        if self.norm_kind == "adn":
+            scale, shift = pixel_norm(1 + scale), pixel_norm(shift)
+        else:
+            scale = 1 + scale
+        if x.ndim == 3:  # tokens
+            shift, scale, gate = shift[:, None], scale[:, None], gate[:, None]
+        return self.norm(x) * scale + shift, gate
+
+
+class Trunk(nn.Module):
+    """What both backbones share: the conditioning embedding and the output layer."""
+
+    def _init_cond(self, hidden, num_classes, use_s, use_g, time_scale):
+        self.num_classes = num_classes
+        self.t_embed = ScalarEmbedder(hidden, scale=time_scale)
+        self.s_embed = ScalarEmbedder(hidden, scale=time_scale, zero_init=True) if use_s else None
+        self.g_embed = ScalarEmbedder(hidden, scale=10.0, zero_init=True) if use_g else None  # g ~ O(1..10)
+        self.y_embed = nn.Embedding(num_classes + 1, hidden) if num_classes else None  # last row: null label
+        if self.y_embed is not None:
+            nn.init.normal_(self.y_embed.weight, std=0.02)
+
+    def cond_embedding(self, t, y=None, s=None, g=None):
+        """The conditioning vector c (B, hidden) that modulates every block."""
+        c = self.t_embed(t)
+        if self.y_embed is not None:
+            y = torch.full((len(t),), self.num_classes, device=t.device, dtype=torch.long) if y is None else y
+            c = c + self.y_embed(y)
+        if self.s_embed is not None and s is not None:
+            c = c + self.s_embed(s)
+        if self.g_embed is not None and g is not None:
+            c = c + self.g_embed(g)
+        return c
+
+
+class ResidualMLPBlock(nn.Module):
+    def __init__(self, hidden, norm, dropout):
+        super().__init__()
+        self.mod = Modulation(hidden, norm)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(4 * hidden, hidden))
+
+    def forward(self, h, c):
+        z, gate = self.mod(h, c)
+        return h + gate * self.mlp(z)
+
+
+class MLPTrunk(Trunk):
+    """Residual MLP with conditioned normalisation, for vector data (2D worlds, flat latents)."""
+
+    def __init__(self, shape, hidden=128, depth=4, out_channels=None, num_classes=0, use_s=False, use_g=False,
+                 norm="adaln_zero", dropout=0.0, time_scale=1000.0):
+        super().__init__()
+        self.shape, dim = tuple(shape), math.prod(shape)
+        self.out_dim = out_channels or dim
+        self._init_cond(hidden, num_classes, use_s, use_g, time_scale)
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(ResidualMLPBlock(hidden, norm, dropout) for _ in range(depth))
+        self.out_mod = Modulation(hidden, norm)
+        self.out = nn.Linear(hidden, self.out_dim)
+
+    def forward(self, x, t, y=None, s=None, g=None, return_features=False):
+        c = self.cond_embedding(t, y, s, g)
+        h = self.inp(x.reshape(len(x), -1))
+        features = None
+        for i, block in enumerate(self.blocks):
+            h = block(h, c)
+            if i == len(self.blocks) // 2 - 1:
+                features = h
+        z, _ = self.out_mod(h, c)
+        out = self.out(z)
+        out = out.reshape(x.shape) if self.out_dim == math.prod(self.shape) else out
+        return (out, features) if return_features else out
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        # explicit softmax attention: forward-mode AD (torch.func.jvp) works through it
+        w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(C // self.heads), -1)
+        return self.proj((w @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, hidden, heads, norm, dropout):
+        super().__init__()
+        self.mod1, self.attn = Modulation(hidden, norm), Attention(hidden, heads)
+        self.mod2 = Modulation(hidden, norm)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+                                 nn.Linear(4 * hidden, hidden))
+
+    def forward(self, h, c):
+        z, gate = self.mod1(h, c)
+        h = h + gate * self.attn(z)
+        z, gate = self.mod2(h, c)
+        return h + gate * self.mlp(z)
+
+
+def sincos_2d(hidden, grid):
+    """Fixed 2D sine-cosine position embedding (grid x grid tokens)."""
+    pos = torch.arange(grid, dtype=torch.float32)
+    yy, xx = torch.meshgrid(pos, pos, indexing="ij")
+    quarter = hidden // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    parts = [f(p.reshape(-1, 1) * freqs) for p in (yy, xx) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, 1)[None]
+
+
+class DiTTrunk(Trunk):
+    """A small DiT (patchify -> transformer blocks with conditioned norm -> unpatchify) for images."""
+
+    def __init__(self, shape, hidden=128, depth=4, heads=4, patch=2, out_channels=None, num_classes=0,
+                 use_s=False, use_g=False, norm="adaln_zero", dropout=0.0, time_scale=1000.0):
+        super().__init__()
+        self.shape = tuple(shape)
+        C, H, W = self.shape
+        if H != W or H % patch:
+            fail(f"DiT trunk needs square images with side divisible by the patch size {patch}, got {H}x{W}")
+        self.patch, self.out_channels, self.grid = patch, out_channels or C, H // patch
+        self._init_cond(hidden, num_classes, use_s, use_g, time_scale)
+        self.inp = nn.Linear(C * patch * patch, hidden)
+        self.register_buffer("pos", sincos_2d(hidden, self.grid), persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(hidden, heads, norm, dropout) for _ in range(depth))
+        self.out_mod = Modulation(hidden, norm)
+        self.out = nn.Linear(hidden, self.out_channels * patch * patch)
+
+    def forward(self, x, t, y=None, s=None, g=None, return_features=False):
+        B, C, H, W = x.shape
+        p, n = self.patch, self.grid
+        c = self.cond_embedding(t, y, s, g)
+        tokens = x.reshape(B, C, n, p, n, p).permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, C * p * p)
+        h = self.inp(tokens) + self.pos
+        features = None
+        for i, block in enumerate(self.blocks):
+            h = block(h, c)
+            if i == len(self.blocks) // 2 - 1:
+                features = h.mean(1)
+        z, _ = self.out_mod(h, c)
+        out = self.out(z).reshape(B, n, n, self.out_channels, p, p).permute(0, 3, 1, 4, 2, 5)
+        out = out.reshape(B, self.out_channels, H, W)
+        return (out, features) if return_features else out
+
+
+def make_backbone(shape, num_classes=0, arch=None, **kwargs):
+    """MLP trunk for vectors, DiT trunk for images (C, H, W); kwargs override the defaults."""
+    arch = arch or ("dit" if len(shape) == 3 else "mlp")
+    return (DiTTrunk if arch == "dit" else MLPTrunk)(shape, num_classes=num_classes, **kwargs)
+
+
+def backbone_spec(net):
+    """Constructor arguments of a backbone, stored in checkpoints so it can be rebuilt exactly."""
+    return dict(net._spec)
+
+
+def build_backbone(spec):
+    spec = dict(spec)
+    net = make_backbone(tuple(spec.pop("shape")), spec.pop("num_classes"), spec.pop("arch"), **spec)
+    net._spec = {"shape": list(net.shape), "num_classes": net.num_classes,
+                 "arch": "dit" if isinstance(net, DiTTrunk) else "mlp", **spec}
+    return net
+
+
+def new_backbone(shape, num_classes=0, arch=None, **kwargs):
+    arch = arch or ("dit" if len(shape) == 3 else "mlp")
+    return build_backbone({"shape": list(shape), "num_classes": num_classes, "arch": arch, **kwargs})
+
+
+def init_from_teacher(student, teacher_net):
+    """Copy every teacher weight the student has (same name, same shape). The student's extra inputs
+    (second time s, guidance g) are zero-initialised, so it starts as the teacher. Returns the names
+    of student tensors left at their fresh initialisation."""
+    teacher_state = teacher_net.state_dict()
+    own = student.state_dict()
+    copied = {k: v for k, v in teacher_state.items() if k in own and own[k].shape == v.shape}
+    student.load_state_dict(copied, strict=False)
+    return sorted(set(own) - set(copied))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teachers: anything with velocity(x, t, y=None, cfg=1.0, interval=None) -> u.
+# GaussianMixture above is the analytic one; NetTeacher wraps a trained network.
+
+class NetTeacher:
+    def __init__(self, net):
+        self.net = net.eval().requires_grad_(False)
+        self.num_classes = net.num_classes
+
+    def velocity(self, x, t, y=None, cfg=1.0, interval=None):
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(len(x))
+        if y is None or not self.num_classes:
+            return self.net(x, t)
+        cfg = torch.as_tensor(cfg, dtype=x.dtype, device=x.device).expand(len(x))
+        if interval is not None:
+            cfg = torch.where((t >= interval[0]) & (t <= interval[1]), cfg, torch.ones_like(cfg))
+        if bool((cfg == 1).all()):
+            return self.net(x, t, y)
+        null = torch.full_like(y, self.num_classes)  # one batched call for both branches
+        u_cond, u_unc = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        return u_unc + cfg.view(-1, *[1] * (x.ndim - 1)) * (u_cond - u_unc)
+
+
+def load_checkpoint(path, device="cpu"):
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} not found; train one with `python common.py teacher --data ...` or fix the path")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a truncated file or a pickle with arbitrary objects
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}); expected a plain dict written by this project")
+
+
+def load_teacher_net(path, device="cpu"):
+    """The EMA network of a checkpoint written by `python common.py teacher`."""
+    ckpt = load_checkpoint(path, device)
+    if "backbone" not in ckpt or "ema" not in ckpt:
+        fail(f"{path} is not a teacher checkpoint (needs 'backbone' and 'ema'); train one with `python common.py teacher`")
+    net = build_backbone(ckpt["backbone"]).to(device)
+    net.load_state_dict(ckpt["ema"])
+    return net.eval().requires_grad_(False)
+
+
+def fit_to_world(world, arch_kwargs=None, steps=3000, batch=512, lr=1e-3, device="cpu", cache_dir="runs/cache"):
+    """A backbone regressed onto the exact mixture velocity (with the null label for CFG), cached under
+    runs/. With the analytic teacher this is the network that students copy, as the papers copy their
+    teacher's weights."""
+    arch_kwargs = dict(arch_kwargs or {})
+    key = hashlib.sha1(json.dumps([world.spec(), arch_kwargs, steps, batch, lr], sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir, f"fit-{world.name}-{key}.pt")
+    if is_main() and not os.path.isfile(path):
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(0)
+        net = new_backbone(world.shape, world.num_classes, **arch_kwargs).to(device)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        for step in tqdm(range(steps), desc=f"fitting a {type(net).__name__} to the exact velocity", leave=False):
+            y = None
+            if world.num_classes:  # 20 % null labels so the fit carries the unconditional velocity too
+                y = torch.randint(0, world.num_classes, (batch,), generator=gen)
+                y = torch.where(torch.rand(batch, generator=gen) < 0.2, world.num_classes, y)
+            x0, _ = world.sample(batch, None if y is None else torch.where(y == world.num_classes, 0, y), generator=gen)
+            if y is not None:  # null-label rows get samples from the whole mixture
+                x_any, _ = world.sample(batch, generator=gen)
+                x0 = torch.where((y == world.num_classes).view(-1, *[1] * len(world.shape)), x_any, x0)
+            t = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal, as the teacher trainer
+            x_t = (1 - t.view(-1, *[1] * len(world.shape))) * x0 + t.view(-1, *[1] * len(world.shape)) * torch.randn(x0.shape, generator=gen)
+            x_t, t, y = x_t.to(device), t.to(device), (None if y is None else y.to(device))
+            target = world.velocity(x_t, t, y)
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, 2 * (1 - step / steps))  # linear decay over the second half
+            loss = F.mse_loss(net(x_t, t, y), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        save_checkpoint(path, {"backbone": net._spec, "ema": net.state_dict(), "fit_loss": float(loss)})
+    barrier()
+    return load_teacher_net(path, device)
+
+
+def teacher_for(cfg, data, device, arch_kwargs=None):
+    """(teacher, teacher network to initialise students from). cfg.teacher: 'gmm' for the analytic
+    mixture teacher (its network is a fit, cached), or the path of a `common.py teacher` checkpoint."""
+    if cfg.teacher == "gmm":
+        if data.world is None:
+            fail("the analytic teacher ('--teacher gmm') needs a mixture world as --data; pass --teacher ckpt.pt for real data")
+        return data.world, fit_to_world(data.world, arch_kwargs, device=device)
+    net = load_teacher_net(cfg.teacher, device)
+    if tuple(net.shape) != tuple(data.shape):
+        fail(f"teacher {cfg.teacher} was trained on shape {tuple(net.shape)} but --data gives {tuple(data.shape)}")
+    return NetTeacher(net), net
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training utilities: EMA, checkpoints, exact resume, autocast, guards, logging
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    for p_ema, p in zip(ema.parameters(), unwrap(model).parameters()):
+        p_ema.lerp_(p.detach(), 1 - decay)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full precision on CPU (CPU bf16 is slow and would break exact resume)."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": pickle.dumps(np.random.get_state()), "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    state["numpy"] = torch.frombuffer(bytearray(state["numpy"]), dtype=torch.uint8)  # tensors load with weights_only
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(pickle.loads(state["numpy"].numpy().tobytes()))
+    random.setstate(eval(state["python"]))  # a tuple of ints, written by repr above
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, obj):
+    """Atomic write: a temp file in the same folder, then rename (never a half-written ckpt.pt)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# Config fields that may change between a run and its resumption (everything else must match).
+RESUMABLE_CHANGES = {"steps", "resume", "out", "device", "log_every", "eval_samples", "ckpt_every", "compile", "bench",
+                     "fid_ref", "fid_weights", "fid_samples"}
+
+
+def check_resume_config(ckpt_config, cfg, path):
+    now = dataclasses.asdict(cfg)
+    diff = sorted(k for k in set(now) | set(ckpt_config) if k not in RESUMABLE_CHANGES and now.get(k) != ckpt_config.get(k))
+    if diff:
+        shown = ", ".join(f"{k}={ckpt_config.get(k)!r} (now {now.get(k)!r})" for k in diff[:4])
+        fail(f"checkpoint {path} was written with another config: {shown}; use the same flags or another --out")
+
+
+def check_finite(loss, step, what="loss"):
+    if not torch.isfinite(loss).all():
+        fail(f"non-finite {what} at step {step}; lower --lr, check the data scale, or resume from the last checkpoint")
+
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+class Logger:
+    """jsonl log and a tqdm bar, on rank 0 only."""
+
+    def __init__(self, out, total, start=0, desc="train"):
+        self.main = is_main()
+        self.file = open(os.path.join(out, "log.jsonl"), "a") if self.main else None
+        self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, disable=not self.main,
+                        mininterval=0.5 if sys.stderr.isatty() else 10)
+
+    def step(self, n=1):
+        self.bar.update(n)
+
+    def log(self, step, scalars):
+        scalars = reduce_mean(scalars)
+        if self.main:
+            self.file.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in scalars.items()}}) + "\n")
+            self.file.flush()
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in list(scalars.items())[:4]})
+        return scalars
+
+    def close(self):
+        self.bar.close()
+        if self.file:
+            self.file.close()
+
+
+def flow_matching_loss(net, x0, y=None, t=None, logit_mean=0.0, logit_std=1.0):
+    """Rectified-flow matching: x_t = (1 - t) x0 + t eps, regress u = eps - x0. t is logit-normal
+    (SD3) unless given. The teacher trainer and every online velocity network (DMD2's fake score,
+    FreeFlow's noising-velocity network) use this one loss."""
+    if t is None:
+        t = torch.sigmoid(logit_mean + logit_std * torch.randn(len(x0), device=x0.device))
+    eps = torch.randn_like(x0)
+    tb = t.view(-1, *[1] * (x0.ndim - 1))
+    return F.mse_loss(net(((1 - tb) * x0 + tb * eps).to(x0.dtype), t, y).float(), (eps - x0).float())
+
+
+def save_training_state(path, cfg, step, objects, data=None, extra=None):
+    """Checkpoint (rank 0 writes, atomically): state_dicts of the named modules / optimizers, the step,
+    the config, and every rank's RNG and data-iterator state, so that --resume continues exactly."""
+    local = {"rng": rng_state(), "data": None if data is None else data.state_dict()}
+    states = [None] * DIST.world
+    if dist.is_initialized():
+        dist.all_gather_object(states, local)
+    else:
+        states = [local]
+    if is_main():
+        ckpt = {name: unwrap(o).state_dict() if isinstance(o, nn.Module) else o.state_dict() for name, o in objects.items()}
+        ckpt.update(step=step, config=dataclasses.asdict(cfg), rng=[s["rng"] for s in states],
+                    data=[s["data"] for s in states], **(extra or {}))
+        save_checkpoint(path, ckpt)
+    barrier()
+
+
+def load_training_state(path, cfg, objects, data=None, device="cpu"):
+    """Restore what save_training_state wrote; refuses a checkpoint of another config. Returns the step."""
+    ckpt = load_checkpoint(path, device)
+    check_resume_config(ckpt.get("config", {}), cfg, path)
+    if len(ckpt["rng"]) != DIST.world:
+        fail(f"{path} was written by {len(ckpt['rng'])} processes; resume with the same number (now {DIST.world})")
+    for name, o in objects.items():
+        (unwrap(o) if isinstance(o, nn.Module) else o).load_state_dict(ckpt[name])
+    if data is not None:
+        data.load_state_dict(ckpt["data"][DIST.rank])
+    set_rng_state(ckpt["rng"][DIST.rank])
+    return ckpt["step"]
+
+
+def bench(named_steps, repeats=10, warmup=3):
+    """Wall time of training-step callables measured side by side in one run (interleaved, median),
+    printed as a table with the ratio to the first (the plain flow-matching step)."""
+    times = {name: [] for name in named_steps}
+    for i in range(warmup + repeats):
+        for name, fn in named_steps.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    med = {name: float(np.median(v)) * 1000 for name, v in times.items()}
+    base = next(iter(med.values()))
+    print0("| step | ms (median of %d) | ratio |\n|---|---|---|" % repeats)
+    for name, ms in med.items():
+        print0(f"| {name} | {ms:.1f} | {ms / base:.2f} |")
+    return med
+
+
+def maybe_compile(model, enabled):
+    return torch.compile(model) if enabled else model
+
+
+def prepare_out(cfg):
+    if is_main():
+        os.makedirs(cfg.out, exist_ok=True)
+    barrier()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pictures (Pillow): image grids and 2D density panels with captions
+
+def _to_uint8_images(x):
+    x = x.detach().float().cpu().clamp(-1, 1)
+    return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(x, ncol=8, pad=1):
+    """(N, C, H, W) in [-1, 1] -> an RGB grid PIL image."""
+    imgs = _to_uint8_images(x)
+    if imgs.shape[-1] == 1:
+        imgs = np.repeat(imgs, 3, -1)
+    n, h, w, _ = imgs.shape
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
+    return Image.fromarray(grid)
+
+
+def density_image(points, lim=3.0, size=200):
+    """2D histogram of points, log-scaled, dark on white."""
+    p = points.detach().float().cpu().numpy().reshape(len(points), -1)[:, :2]
+    hist, _, _ = np.histogram2d(p[:, 1], p[:, 0], bins=size, range=[[-lim, lim], [-lim, lim]])
+    hist = np.log1p(hist[::-1])
+    img = 255 - (255 * hist / max(hist.max(), 1e-9)).astype(np.uint8)
+    return Image.fromarray(img).convert("RGB")
+
+
+def save_panels(path, panels, scale=1):
+    """Side-by-side captioned panels [(caption, PIL image)], written atomically as PNG."""
+    font = ImageFont.load_default(size=12)
+    imgs = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for _, im in panels]
+    w, h = sum(im.width for im in imgs) + 4 * (len(imgs) + 1), max(im.height for im in imgs) + 22
+    canvas = Image.new("RGB", (w, h), "white")
+    draw, x = ImageDraw.Draw(canvas), 4
+    for (caption, _), im in zip(panels, imgs):
+        canvas.paste(im, (x, 20))
+        draw.text((x, 3), caption, fill="black", font=font)
+        x += im.width + 4
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    canvas.save(tmp)
+    os.replace(tmp, path)
+
+
+def sample_picture(samples, shape):
+    """A panel for one set of samples: density for 2D, a grid for images."""
+    if len(shape) == 3:
+        return image_grid(samples[:64], ncol=8)
+    return density_image(samples)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Toy metrics (same functions for every method) and the shared evaluation table
+
+def swd(x, y, n_proj=256, seed=0):
+    """Sliced Wasserstein-2 between two equal-size sample sets (fixed random directions)."""
+    x, y = x.reshape(len(x), -1).double().cpu(), y.reshape(len(y), -1).double().cpu()
+    n = min(len(x), len(y))
+    dirs = torch.randn(x.shape[1], n_proj, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    px, _ = (x[:n] @ dirs).sort(0)
+    py, _ = (y[:n] @ dirs).sort(0)
+    return float((px - py).pow(2).mean().sqrt())
+
+
+def mode_tv(x, world):
+    """Total variation between the nearest-component histogram of x and the true weights."""
+    comp = world.nearest_component(x.double().cpu())
+    hist = torch.bincount(comp, minlength=len(world.weights)).double() / len(x)
+    return float(0.5 * (hist - world.weights).abs().sum())
+
+
+def mean_nll(x, world):
+    """Mean -log p0(x) / D (lower is not always better: collapsed samples score too low)."""
+    return float(-world.log_prob(x.double().cpu()).mean() / world.dim)
+
+
+def cond_acc(x, y, world):
+    """Fraction of samples whose nearest component carries the requested class."""
+    comp = world.nearest_component(x.double().cpu())
+    return float((world.labels[comp] == y.cpu()).double().mean())
+
+
+def world_metrics(x, world, y=None, reference=None, ode_ref=None):
+    row = {"swd": swd(x, reference), "mode_tv": mode_tv(x, world), "nll": mean_nll(x, world)}
+    if ode_ref is not None:
+        row["ode_err"] = float((x.double().cpu() - ode_ref.double().cpu()).pow(2).mean().sqrt())
+    if world.num_classes and y is not None:
+        row["cond_acc"] = cond_acc(x, y, world)
+    return row
+
+
+TEACHER_NFES = (1, 2, 4, 8, 16, 32)
+
+
+@torch.no_grad()
+def evaluate(samplers, world, teacher, cfg, out, method, train_seconds, teacher_name="gmm", n=4000, guidance=1.0,
+             batch=1000, device="cpu", picture_teacher_nfe=32):
+    """Score a list of samplers [{"sampler", "nfe", "fn": (z, y) -> x, "ode": bool}] next to the
+    teacher's Euler sampler at 1..32 NFE and the data itself, on the same noise and labels; write
+    metrics.json and samples.png. Rank 0 only. Returns the rows."""
+    gen = torch.Generator().manual_seed(1234)  # the same evaluation noise for every method
+    z = torch.randn(n, *world.shape, generator=gen)
+    y = torch.arange(n) % world.num_classes if world.num_classes else None
+    reference, _ = world.sample(n, y, generator=torch.Generator().manual_seed(4321))
+    data_other, _ = world.sample(n, y, generator=torch.Generator().manual_seed(99))
+    ode_ref = None
+    if any(s.get("ode") for s in samplers):
+        ode_ref = torch.cat([reference_ode(teacher.velocity, z[i:i + batch].to(device),
+                                           None if y is None else y[i:i + batch].to(device), guidance)[0].cpu()
+                             for i in range(0, n, batch)])
+
+    def run(fn):
+        start = time.perf_counter()
+        xs = [fn(z[i:i + batch].to(device), None if y is None else y[i:i + batch].to(device)).float().cpu() for i in range(0, n, batch)]
+        return torch.cat(xs), 1000 * (time.perf_counter() - start) / n
+
+    rows, pictures = [], [("data", sample_picture(data_other, world.shape))]
+    for s in samplers:
+        x, ms = run(s["fn"])
+        rows.append({"sampler": s["sampler"], "nfe": s["nfe"], **world_metrics(x, world, y, reference, ode_ref if s.get("ode") else None),
+                     "ms_per_sample": ms})
+        pictures.append((f"{s['sampler']} {s['nfe']} NFE", sample_picture(x, world.shape)))
+    for nfe in TEACHER_NFES:
+        x, ms = run(lambda zz, yy: euler_sample(teacher.velocity, zz, nfe, yy, guidance))
+        rows.append({"sampler": "teacher", "nfe": nfe, **world_metrics(x, world, y, reference, ode_ref), "ms_per_sample": ms})
+        if nfe == picture_teacher_nfe:
+            pictures.insert(1, (f"teacher Euler {nfe}", sample_picture(x, world.shape)))
+    rows.append({"sampler": "data", "nfe": 0, **world_metrics(data_other, world, y, reference, None), "ms_per_sample": 0.0})
+    result = {"method": method, "data": world.name, "teacher": teacher_name, "steps": cfg.steps,
+              "train_seconds": round(train_seconds, 2), "guidance": guidance, "results": rows}
+    write_json(os.path.join(out, "metrics.json"), result)
+    save_panels(os.path.join(out, "samples.png"), pictures, scale=1 if len(world.shape) != 3 else 2)
+    return rows
+
+
+def format_table(rows):
+    keys = ["sampler", "nfe", "swd", "mode_tv", "nll", "ode_err", "cond_acc", "ms_per_sample"]
+    keys = [k for k in keys if any(k in r for r in rows)]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The flow-matching teacher trainer:  python common.py teacher --data <preset | path>
+
+@dataclass
+class TeacherConfig:
+    data: str = "checkerboard"  # a world preset, a mixture .npz, an image folder / .npz / CIFAR-10 path
+    out: str = "runs/teacher"
+    steps: int = 3000           # the 2D default trains in about a minute on 2 CPU cores
+    batch: int = 512            # global batch (split across ranks)
+    lr: float = 1e-3
+    lr_warmup: int = 100
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1  # null-label rate, for classifier-free guidance
+    logit_mean: float = 0.0     # t = sigmoid(N(logit_mean, logit_std)): logit-normal (SD3)
+    logit_std: float = 1.0
+    hidden: int = 128           # trunk width (MLP for vectors, DiT for images)
+    depth: int = 4
+    norm: str = "adaln_zero"    # adaln_zero | adn (sCM's adaptive double normalisation)
+    dropout: float = 0.0
+    image_size: int = 32        # for image folders
+    hflip: bool = False
+    grad_clip: float = 1.0
+    eval_samples: int = 4000
+    guidance: float = 1.0       # CFG scale for the evaluation samples
+    log_every: int = 100
+    ckpt_every: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    compile: bool = False
+
+
+def train_teacher(cfg):
+    d = setup_dist(cfg.device, cfg.seed)
+    data = DataSource(cfg.data, cfg.image_size, cfg.hflip, cfg.seed)
+    prepare_out(cfg)
+    if cfg.batch % d.world:
+        fail(f"--batch {cfg.batch} is not divisible by the number of processes {d.world}")
+    batch = cfg.batch // d.world
+    net = new_backbone(data.shape, data.num_classes, hidden=cfg.hidden,
+                       depth=cfg.depth, norm=cfg.norm, dropout=cfg.dropout).to(d.device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ckpt_path, step = os.path.join(cfg.out, "ckpt.pt"), 0
+    state = {"model": net, "ema": ema, "optimizer": opt}
+    if cfg.resume:
+        step = load_training_state(ckpt_path, cfg, state, data, d.device)
+    model = maybe_compile(wrap_ddp(net), cfg.compile)
+    logger = Logger(cfg.out, cfg.steps, step, desc="teacher")
+    t_start = time.time()
+
+    while step < cfg.steps:
+        x0, y = data.next_batch(batch, d.device)
+        if y is not None:
+            y = torch.where(torch.rand(len(y), device=d.device) < cfg.label_dropout, data.num_classes, y)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup)
+        with autocast(d.device):
+            loss = flow_matching_loss(model, x0, y, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std)
+        check_finite(loss, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        ema_update(ema, net, cfg.ema_decay)
+        step += 1
+        logger.step()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            logger.log(step, {"loss": loss.item(), "grad_norm": grad_norm.item()})
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save_training_state(ckpt_path, cfg, step, state, data, extra={"backbone": net._spec})
+    logger.close()
+    train_seconds = time.time() - t_start
+    if is_main():
+        if data.world is not None:
+            teacher = NetTeacher(ema)
+            rows = evaluate([{"sampler": "analytic", "nfe": n, "fn": (lambda nn_: lambda z, y: euler_sample(
+                data.world.velocity, z, nn_, y, cfg.guidance))(n)} for n in (8, 32)],
+                data.world, teacher, cfg, cfg.out, "teacher", train_seconds, teacher_name="learned",
+                n=cfg.eval_samples, guidance=cfg.guidance, device=d.device)
+            print0(format_table(rows))
+        else:
+            z = torch.randn(64, *data.shape, device=d.device)
+            y = torch.arange(64, device=d.device) % data.num_classes if data.num_classes else None
+            x = euler_sample(NetTeacher(ema).velocity, z, 32, y, cfg.guidance)
+            save_panels(os.path.join(cfg.out, "samples.png"), [("teacher Euler 32", image_grid(x))], scale=2)
+            write_json(os.path.join(cfg.out, "metrics.json"), {"method": "teacher", "data": cfg.data, "teacher": "learned",
+                                                                "steps": cfg.steps, "train_seconds": round(train_seconds, 2),
+                                                                "results": []})
+        print0(f"wrote {cfg.out}/ckpt.pt, metrics.json, samples.png ({train_seconds:.1f} s of training)")
+    barrier()
+    cleanup()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] != "teacher":
+        fail("usage: python common.py teacher [--data checkerboard|8gaussians|spiral|glyphs16|mix.npz|path] [flags]; --help lists flags")
+    train_teacher(parse_config(TeacherConfig, sys.argv[2:]))
