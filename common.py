@@ -52,6 +52,7 @@ class Dist:
     local_rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    seed: int = 0
 
 
 DIST = Dist()  # filled in by setup_dist; read by the helpers below
@@ -69,7 +70,7 @@ def setup_dist(device="auto", seed=0):
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    DIST = Dist(rank, local_rank, world, device)
+    DIST = Dist(rank, local_rank, world, device, seed)
     seed_all(seed + rank)  # different noise per rank, reproducible per (seed, rank)
     return DIST
 
@@ -124,6 +125,16 @@ def wrap_ddp(model):
         return model
     ids = [DIST.device.index] if DIST.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+@torch.no_grad()
+def broadcast_module(module):
+    """Give every rank rank 0's parameters and buffers (for networks built outside build_backbone with
+    per-rank random state, e.g. small heads, before they are copied or wrapped)."""
+    if dist.is_initialized():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, 0)
+    return module
 
 
 def unwrap(model):
@@ -329,10 +340,10 @@ def make_world(name):
     if name == "glyphs16":
         mu, labels = _glyph_prototypes()
         return GaussianMixture(np.ones(len(mu)), mu, np.full(len(mu), 0.05), labels, shape=(1, 16, 16), name=name)
-    if name.endswith(".npz"):
-        if not os.path.isfile(name):
-            fail(f"mixture file {name} not found; give an .npz with arrays weights, means, stds (and optional labels, shape)")
+    if name.endswith(".npz") and os.path.isfile(name):
         f = np.load(name)
+        if not {"weights", "means", "stds"} & set(f.files):
+            return None  # an .npz of images or latents: real data
         missing = {"weights", "means", "stds"} - set(f.files)
         if missing:
             fail(f"{name} lacks arrays {sorted(missing)}; a mixture .npz holds weights (K,), means (K, D), stds (K,)")
@@ -489,9 +500,9 @@ class DataSource:
 
 def timestep_embedding(t, dim, scale=1000.0):
     """Sinusoidal positional embedding of scale * t, computed in fp32 (bf16 here breaks JVP tangents)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = scale * t.float()[:, None] * freqs[None]
+    half, dtype = dim // 2, torch.float64 if t.dtype == torch.float64 else torch.float32
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = scale * t.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], 1)
 
 
@@ -692,8 +703,12 @@ def backbone_spec(net):
 
 
 def build_backbone(spec):
+    """Build from a spec. The initialisation is seeded by the run's seed alone, so every rank builds the
+    same weights (and the global RNG stream is left untouched)."""
     spec = dict(spec)
-    net = make_backbone(tuple(spec.pop("shape")), spec.pop("num_classes"), spec.pop("arch"), **spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DIST.seed)
+        net = make_backbone(tuple(spec.pop("shape")), spec.pop("num_classes"), spec.pop("arch"), **spec)
     net._spec = {"shape": list(net.shape), "num_classes": net.num_classes,
                  "arch": "dit" if isinstance(net, DiTTrunk) else "mlp", **spec}
     return net
@@ -1211,6 +1226,7 @@ def train_teacher(cfg):
         print0(f"wrote {cfg.out}/ckpt.pt, metrics.json, samples.png ({train_seconds:.1f} s of training)")
     barrier()
     cleanup()
+    return ema
 
 
 if __name__ == "__main__":
