@@ -555,10 +555,13 @@ class Modulation(nn.Module):
 class Trunk(nn.Module):
     """What both backbones share: the conditioning embedding and the output layer."""
 
-    def _init_cond(self, hidden, num_classes, use_s, use_g, time_scale):
+    def _init_cond(self, hidden, num_classes, use_s, use_g, time_scale, s_scale=None):
         self.num_classes = num_classes
         self.t_embed = ScalarEmbedder(hidden, scale=time_scale)
-        self.s_embed = ScalarEmbedder(hidden, scale=time_scale, zero_init=True) if use_s else None
+        # s_scale: frequency scale of the second time (None: as t). A JVP in s sees d/ds of the sinusoids,
+        # which grows with the scale; flow maps differentiated in s can ask for a small one.
+        s_scale = time_scale if s_scale is None else s_scale
+        self.s_embed = ScalarEmbedder(hidden, scale=s_scale, zero_init=True) if use_s else None
         self.g_embed = ScalarEmbedder(hidden, scale=10.0, zero_init=True) if use_g else None  # g ~ O(1..10)
         self.y_embed = nn.Embedding(num_classes + 1, hidden) if num_classes else None  # last row: null label
         if self.y_embed is not None:
@@ -592,11 +595,11 @@ class MLPTrunk(Trunk):
     """Residual MLP with conditioned normalisation, for vector data (2D worlds, flat latents)."""
 
     def __init__(self, shape, hidden=128, depth=4, out_channels=None, num_classes=0, use_s=False, use_g=False,
-                 norm="adaln_zero", dropout=0.0, time_scale=1000.0):
+                 norm="adaln_zero", dropout=0.0, time_scale=1000.0, s_scale=None):
         super().__init__()
         self.shape, dim = tuple(shape), math.prod(shape)
         self.out_dim = out_channels or dim
-        self._init_cond(hidden, num_classes, use_s, use_g, time_scale)
+        self._init_cond(hidden, num_classes, use_s, use_g, time_scale, s_scale)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResidualMLPBlock(hidden, norm, dropout) for _ in range(depth))
         self.out_mod = Modulation(hidden, norm)
@@ -660,14 +663,14 @@ class DiTTrunk(Trunk):
     """A small DiT (patchify -> transformer blocks with conditioned norm -> unpatchify) for images."""
 
     def __init__(self, shape, hidden=128, depth=4, heads=4, patch=2, out_channels=None, num_classes=0,
-                 use_s=False, use_g=False, norm="adaln_zero", dropout=0.0, time_scale=1000.0):
+                 use_s=False, use_g=False, norm="adaln_zero", dropout=0.0, time_scale=1000.0, s_scale=None):
         super().__init__()
         self.shape = tuple(shape)
         C, H, W = self.shape
         if H != W or H % patch:
             fail(f"DiT trunk needs square images with side divisible by the patch size {patch}, got {H}x{W}")
         self.patch, self.out_channels, self.grid = patch, out_channels or C, H // patch
-        self._init_cond(hidden, num_classes, use_s, use_g, time_scale)
+        self._init_cond(hidden, num_classes, use_s, use_g, time_scale, s_scale)
         self.inp = nn.Linear(C * patch * patch, hidden)
         self.register_buffer("pos", sincos_2d(hidden, self.grid), persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(hidden, heads, norm, dropout) for _ in range(depth))
@@ -1229,7 +1232,108 @@ def train_teacher(cfg):
     return ema
 
 
+# ---------------------------------------------------------------------------------------------------
+# One comparison of the methods, measured the same way:  python common.py compare
+
+@dataclass
+class CompareConfig:
+    methods: str = "scm,dmd2,freeflow,piflow"  # the few-step distillation files (undistill_flux reverses one)
+    worlds: str = "checkerboard,glyphs16"
+    steps: int = 1500          # the same training-step budget for every method on the 2D world
+    image_steps: int = 300     # ... and on glyphs16 (a CPU-sized budget)
+    seed: int = 0
+    eval_samples: int = 4000
+    out: str = "runs/compare"
+    rerun: bool = True         # --no-rerun reuses finished runs under --out (their metrics.json)
+
+
+def _bench_rows(stdout):
+    """Parse the table that bench() prints: [(name, ms, ratio)]."""
+    rows = []
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] not in ("step", "---"):
+            try:
+                rows.append((cells[0], float(cells[1]), float(cells[2])))
+            except ValueError:
+                pass
+    return rows
+
+
+def _names(text):
+    return [v.strip() for v in str(text).split(",") if v.strip()]
+
+
+def compare(cfg):
+    """Run every method's default on the same worlds with the same seed and step budget (analytic
+    teacher), collect metrics.json and the --bench step-cost ratios, and write compare.md and one
+    picture per world with every method's samples next to the teacher's and the data's."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.makedirs(cfg.out, exist_ok=True)
+    columns = ["world", "sampler", "NFE", "swd", "mode_tv", "nll (data)", "ode_err", "cond_acc", "train s",
+               "step cost (x FM)", "ms/sample", "teacher NFE at equal swd", "speed-up at equal swd"]
+    table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    costs = {}
+    for method in _names(cfg.methods):
+        r = subprocess.run([sys.executable, os.path.join(here, f"{method}.py"), "--bench"], capture_output=True, text=True)
+        rows = _bench_rows(r.stdout)  # row 0 is the flow-matching baseline, row 1 the method's step
+        costs[method] = rows[1][2] if r.returncode == 0 and len(rows) > 1 else float("nan")
+        print(f"{method} --bench: one step costs {costs[method]:.2f}x a flow-matching step", flush=True)
+    for world in _names(cfg.worlds):
+        steps = cfg.image_steps if len(make_world(world).shape) == 3 else cfg.steps
+        panels, teacher = [], []
+        for method in _names(cfg.methods):
+            out = os.path.join(cfg.out, world, method)
+            if cfg.rerun or not os.path.isfile(os.path.join(out, "metrics.json")):
+                cmd = [sys.executable, os.path.join(here, f"{method}.py"), "--data", world, "--steps", str(steps),
+                       "--seed", str(cfg.seed), "--eval-samples", str(cfg.eval_samples), "--out", out]
+                print(" ".join(cmd[1:]), flush=True)
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode != 0:
+                    print(f"  failed: {(r.stderr.strip().splitlines() or ['exit %d' % r.returncode])[-1]}", flush=True)
+                    continue
+            m = json.load(open(os.path.join(out, "metrics.json")))
+            data_nll = next(r["nll"] for r in m["results"] if r["sampler"] == "data")
+            teacher = sorted((r for r in m["results"] if r["sampler"] == "teacher"), key=lambda r: r["nfe"])
+            rows = [(f"{method} ({r['sampler']})", r, m["train_seconds"], costs[method])
+                    for r in m["results"] if r["sampler"] not in ("teacher", "data")]
+            for name, row, seconds, cost in rows:
+                equal = next((t for t in teacher if t["swd"] <= row["swd"]), None)  # cheapest teacher as good
+                table.append(_compare_row(world, name, row, data_nll, f"{seconds:.0f}", f"{cost:.2f}",
+                                          equal["nfe"] if equal else "> 32",
+                                          f"{equal['ms_per_sample'] / max(row['ms_per_sample'], 1e-9):.1f}x" if equal else "-"))
+            panels.append((method, Image.open(os.path.join(out, "samples.png")).convert("RGB")))
+        for t in teacher:  # the teacher's Euler rows of the last run (identical in every run: same noise)
+            table.append(_compare_row(world, "teacher (Euler)", t, data_nll, "-", "1", t["nfe"], "1.0x"))
+        if panels:  # each method's samples.png (data | teacher | student ...) stacked, one row per method
+            font = ImageFont.load_default(size=14)
+            canvas = Image.new("RGB", (max(p.width for _, p in panels) + 90, sum(p.height for _, p in panels)), "white")
+            draw, y = ImageDraw.Draw(canvas), 0
+            for name, p in panels:
+                draw.text((4, y + p.height // 2), name, fill="black", font=font)
+                canvas.paste(p, (90, y))
+                y += p.height
+            canvas.save(os.path.join(cfg.out, f"samples_{world}.png"))
+    text = [f"Measured by `python common.py compare` on {time.strftime('%Y-%m-%d')}: seed {cfg.seed}, analytic teacher, "
+            f"{cfg.steps} training steps on 2D worlds and {cfg.image_steps} on glyphs16, {cfg.eval_samples} evaluation samples.",
+            ""] + table
+    with open(os.path.join(cfg.out, "compare.md"), "w") as f:
+        f.write("\n".join(text) + "\n")
+    print("\n".join(text))
+    print(f"wrote {cfg.out}/compare.md and {cfg.out}/samples_<world>.png")
+
+
+def _compare_row(world, name, r, data_nll, seconds, cost, equal_nfe, speedup):
+    fmt = lambda k: f"{r[k]:.4f}" if k in r else "-"
+    return (f"| {world} | {name} | {r['nfe']} | {fmt('swd')} | {fmt('mode_tv')} | {r['nll']:.3f} ({data_nll:.3f}) | "
+            f"{fmt('ode_err')} | {fmt('cond_acc')} | {seconds} | {cost} | {r['ms_per_sample']:.3f} | {equal_nfe} | {speedup} |")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] != "teacher":
-        fail("usage: python common.py teacher [--data checkerboard|8gaussians|spiral|glyphs16|mix.npz|path] [flags]; --help lists flags")
-    train_teacher(parse_config(TeacherConfig, sys.argv[2:]))
+    if len(sys.argv) < 2 or sys.argv[1] not in ("teacher", "compare"):
+        fail("usage: python common.py teacher [--data checkerboard|glyphs16|mix.npz|path ...] | python common.py compare; --help lists flags")
+    if sys.argv[1] == "teacher":
+        train_teacher(parse_config(TeacherConfig, sys.argv[2:]))
+    else:
+        compare(parse_config(CompareConfig, sys.argv[2:]))
