@@ -1,0 +1,343 @@
+"""
+FreeFlow: flow-map distillation without data.
+Tong, Ma, Xie, Jaakkola, "Flow Map Distillation Without Data", arXiv 2511.19428 (CVPR 2026).
+
+A one-jump flow map from the prior is distilled from a flow teacher using noise (and labels) only:
+no data sample is ever drawn, because the prior is the one place where the teacher's own sampling
+marginals and the data's noised marginals are guaranteed to agree. Two objectives:
+  prediction (Eq. 7/9): the student integrates the teacher ODE along its own predicted path
+      (Lagrangian flow-map distillation with the start pinned at t = 1; JVP in the jump length delta);
+  correction (Eq. 10/11): VSD-style distribution matching of the one-step samples, with an online
+      velocity network g trained by flow matching on the student's own samples.
+Sampling is one network evaluation: x = f(z, 1).
+
+Conventions. The project's rectified flow: x_t = (1 - t) x0 + t eps, t = 1 is noise, u = eps - x0.
+The paper uses the "generation direction" velocity u_paper = -u and writes f = z + delta F_paper;
+here F = -F_paper is the average of u over [1 - delta, 1], so
+    f(z, delta) = z - delta * F(z, delta)          (the jump from t = 1 to t = 1 - delta).
+Both sides of the Eq. 7 identity flip sign together, so it reads the same here:
+    F + delta dF/d(delta) = u(f(z, delta), 1 - delta).
+The Eq. 11 correction gradient F_paper . (v_N,paper - u_paper) equals F . (v_g - u) with every
+velocity in the project's convention (two sign flips cancel); a test checks the sign on Gaussians.
+
+    python freeflow.py                                      # 2D checkerboard, analytic teacher, a few minutes on CPU
+    python freeflow.py --objective prediction               # ablations: prediction only / correction only
+    python freeflow.py --objective correction
+    python freeflow.py --power-k 0                          # no power-law residual weighting
+    python freeflow.py --data glyphs16 --guidance 2 --steps 1000   # class-conditional, CFG scale as an input
+    python freeflow.py --teacher runs/teacher/ckpt.pt       # a learned teacher (python common.py teacher)
+    python freeflow.py --bench                              # one FreeFlow step vs one flow-matching step
+    torchrun --standalone --nproc_per_node=8 freeflow.py --teacher ckpt.pt --data /datasets/cifar10 \\
+        --batch 512 --steps 100000 --lr 1e-4 --fid-ref ref.npz --fid-weights pt_inception.pth
+With a learned teacher the image path in --data is never read (data-free); it only names the run.
+"""
+import copy
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from common import (DataSource, NetTeacher, Logger, autocast, bench, build_backbone, check_finite, cleanup, evaluate,
+                    fail, flow_matching_loss, format_table, image_grid, init_from_teacher, is_main, load_teacher_net,
+                    load_training_state, make_world, maybe_compile, prepare_out, print0, reduce_mean, save_panels,
+                    save_training_state, setup_dist, teacher_for, unwrap, wrap_ddp, ema_update, parse_config, barrier,
+                    write_json)
+
+
+@dataclass
+class Config:
+    data: str = "checkerboard"     # world preset / mixture .npz (scored exactly), or a dataset path (never read)
+    teacher: str = "gmm"           # 'gmm': the analytic world; or a `python common.py teacher` checkpoint
+    out: str = "runs/freeflow"
+    steps: int = 1500              # toy scale; the paper trains ~100K-1.5M iterations at batch ~256
+    batch: int = 256               # global batch, split across ranks, then 75/25 between the two objectives
+    lr: float = 3e-4               # student Adam lr (paper: not published; toy value)
+    fake_lr: float = 3e-4          # lr of the online velocity network g (not published)
+    lr_warmup: int = 50
+    ema_decay: float = 0.99        # EMA of the student, used for evaluation (paper: not published; toy value)
+    grad_clip: float = 1.0
+    objective: str = "both"        # both | prediction | correction (the paper's Fig. 7 ablation)
+    pred_frac: float = 0.75        # share of each batch for prediction, the rest for correction (§ Combination)
+    power_k: float = 1.0           # residual weight 1 / (|Delta_G|^2 / d + eps)^k; k = 1 best with correction
+    weight_eps: float = 1e-3       # eps of that weight (paper: not published; MeanFlow's value)
+    delta_scale: float = 1.0       # sinusoidal scale of the delta input: delta in [0, 1] as is, as SiT embeds t;
+                                   # at the teacher's 1000 the JVP in delta explodes (dF/d(delta) ~ 1000)
+    delta_power: float = 1.0       # delta = U^power, U ~ U(0, 1): 1 is uniform, < 1 favours long jumps (not published)
+    alpha: float = 1.0             # lambda = alpha E|Delta_G| / (E|Delta_N| + eps); robust for alpha in [0.3, 3]
+    lambda_weighted: bool = False  # measure E|Delta_G| after the power-law weight (unknown in the paper)
+    r_logit_mean: float = 0.8      # correction noise level r = sigmoid(N(mean, std)): biased to noise, reaches 1
+    r_logit_std: float = 1.0
+    corr_guidance_max: float = 0.7  # teacher CFG only for t <= this in the correction branch (paper: [0, 0.7])
+    fake_updates: int = 1          # flow-matching steps of g per student step (not published; DMD2 uses 5)
+    gamma_min: float = 1.0         # CFG scales seen in training (class-conditional data), fed to the student
+    gamma_max: float = 3.0
+    guidance: float = 1.0          # CFG scale of the evaluation (teacher and student)
+    hidden: int = 128              # with --teacher gmm: width/depth of the network fitted to the world
+    depth: int = 4
+    eval_samples: int = 4000
+    fid_ref: str = ""              # real data: reference statistics .npz for FID (eval_fid.py)
+    fid_weights: str = ""          # real data: pt_inception weights for FID
+    fid_samples: int = 50000
+    log_every: int = 100
+    ckpt_every: int = 500
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    compile: bool = False
+    bench: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------
+# The student flow map f(z, delta) = z - delta F(z, delta): the teacher's backbone with delta as the
+# second time input s and the CFG scale gamma as input g. The first time input is pinned at t = 1
+# (the map always starts at the prior, paper §3 / official models.py: t, dt, gw embeddings summed).
+
+def average_velocity(net, z, delta, y, gamma):
+    return net(z, torch.ones_like(delta), y, s=delta, g=gamma)
+
+
+def jump(net, z, delta, y, gamma):
+    """f(z, delta): where the teacher ODE started at z (t = 1) arrives at t = 1 - delta."""
+    return z - bcast(delta, z) * average_velocity(net, z, delta, y, gamma)
+
+
+@torch.no_grad()
+def one_step_sample(net, z, y, gamma):
+    """The sampler: one jump over the whole interval, x0 = f(z, 1) = z - F(z, 1)."""
+    return jump(net, z, torch.ones(len(z), device=z.device), y, gamma)
+
+
+def bcast(v, like):
+    return v.view(-1, *[1] * (like.ndim - 1))
+
+
+def sq_norm(v):
+    return v.flatten(1).pow(2).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Objective
+
+@torch.no_grad()
+def velocity_and_delta_derivative(net, z, delta, y, gamma):
+    """F(z, delta) and its partial derivative in delta (z does not depend on delta, so no spatial term):
+    forward-mode JVP with tangent 1 on delta and none on z, on the plain module (never the DDP wrapper)."""
+    return torch.func.jvp(lambda d: average_velocity(net, z, d, y, gamma), (delta,), (torch.ones_like(delta),))
+
+
+def prediction_residual(net, teacher, z, delta, y, gamma):
+    """Delta_G = F + delta dF/d(delta) - u(f(z, delta), 1 - delta), without a graph (paper Eq. 7/9):
+    zero for the exact flow map. The teacher is queried at the student's own output f(z, delta), with
+    CFG gamma. Returns (Delta_G, F)."""
+    F, dF = velocity_and_delta_derivative(net, z, delta, y, gamma)
+    with torch.no_grad():
+        f = z - bcast(delta, z) * F
+        u = teacher.velocity(f, 1 - delta, y, gamma)
+        return F + bcast(delta, z) * dF - u, F
+
+
+def correction_residual(x_hat, y, gamma, teacher, fake_velocity, cfg):
+    """Delta_N = v_g - u at x_r = (1 - r) x_hat + r n (paper Eq. 11, project signs): v_g is the
+    velocity of the student's own noised samples (the online network g), u the teacher's, whose CFG is
+    kept to t <= corr_guidance_max in this branch only. r is logit-normal biased toward noise."""
+    with torch.no_grad():
+        r = torch.sigmoid(cfg.r_logit_mean + cfg.r_logit_std * torch.randn(len(x_hat), device=x_hat.device))
+        x_r = (1 - bcast(r, x_hat)) * x_hat + bcast(r, x_hat) * torch.randn_like(x_hat)
+        u = teacher.velocity(x_r, r, y, gamma, interval=(0.0, cfg.corr_guidance_max))
+        return fake_velocity(x_r, r, y, gamma) - u
+
+
+def freeflow_loss(model, teacher, fake_velocity, z, y, gamma, cfg):
+    """One surrogate loss whose gradient is the paper's combined update (§ Combination):
+        grad = sum_pred w <dF, Delta_G> + lambda sum_corr <dF(z, 1), Delta_N>,   both over the whole batch,
+    with w = (|Delta_G|^2/d + eps)^-k (power-law weighting) and lambda = alpha E|Delta_G| / (E|Delta_N| + eps).
+    The prediction term is the gradient of (w/2)|F - sg(u(f, 1 - delta) - delta dF/d(delta))|^2 (Eq. 9).
+    One gradient-carrying forward through the DDP wrapper covers both branches."""
+    B, d = len(z), z[0].numel()
+    n_pred = {"prediction": B, "correction": 0}.get(cfg.objective, round(B * cfg.pred_frac))
+    delta = torch.rand(B, device=z.device).pow(cfg.delta_power)
+    delta[n_pred:] = 1.0  # correction only acts on the one-step endpoint
+    with autocast(z.device):
+        F = model(z, torch.ones_like(delta), y, s=delta, g=gamma).float()
+    loss, stats = F.new_zeros(()), {}
+    norm_G, norm_N = F.new_zeros(()), F.new_zeros(())
+    if n_pred:
+        sl = slice(0, n_pred)
+        delta_G, _ = prediction_residual(unwrap(model), teacher, z[sl], delta[sl], y if y is None else y[sl], gamma[sl])
+        w = (sq_norm(delta_G) / d + cfg.weight_eps).pow(-cfg.power_k)
+        loss = loss + (w * (F[sl] * delta_G).flatten(1).sum(1)).sum() / (B * d)
+        norm_G = (w * sq_norm(delta_G).sqrt() if cfg.lambda_weighted else sq_norm(delta_G).sqrt()).mean()
+        stats["residual"] = float(sq_norm(delta_G).mean() / d)
+    if n_pred < B:
+        sl = slice(n_pred, B)
+        x_hat = (z[sl] - F[sl]).detach()  # f(z, 1)
+        delta_N = correction_residual(x_hat, y if y is None else y[sl], gamma[sl], teacher, fake_velocity, cfg)
+        norm_N = sq_norm(delta_N).sqrt().mean()
+        norms = reduce_mean({"G": norm_G, "N": norm_N})  # one lambda for all ranks
+        lam = cfg.alpha * (norms["G"] / (norms["N"] + 1e-8) if n_pred else 1.0)
+        loss = loss + lam * (F[sl] * delta_N).flatten(1).sum(1).sum() / (B * d)
+        stats.update(corr_norm=float(norm_N), lam=float(lam))
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training: noise and labels in, nothing else
+
+def sample_conditions(batch, num_classes, cfg, device):
+    """Prior noise, uniform labels and CFG scales: everything the training loop ever feeds in."""
+    y = torch.randint(0, num_classes, (batch,), device=device) if num_classes else None
+    if num_classes:
+        gamma = cfg.gamma_min + (cfg.gamma_max - cfg.gamma_min) * torch.rand(batch, device=device)
+    else:
+        gamma = torch.ones(batch, device=device)  # unconditional: CFG does not apply
+    return y, gamma
+
+
+def load_teacher(cfg, device):
+    """(teacher, its network, the world or None). The world is the analytic teacher or an exact scorer;
+    it is never sampled for training. A dataset path is never read."""
+    world = make_world(cfg.data)
+    if world is None and not os.path.exists(cfg.data):
+        fail(f"--data {cfg.data!r} is neither a world preset, a mixture .npz, nor an existing dataset path")
+    if cfg.teacher == "gmm":
+        return (*teacher_for(cfg, DataSource(cfg.data), device, {"hidden": cfg.hidden, "depth": cfg.depth}), world)
+    net = load_teacher_net(cfg.teacher, device)
+    if world is not None and tuple(net.shape) != tuple(world.shape):
+        fail(f"teacher {cfg.teacher} generates shape {tuple(net.shape)} but --data {cfg.data} has {tuple(world.shape)}")
+    return NetTeacher(net), net, world
+
+
+def train(cfg):
+    d = setup_dist(cfg.device, cfg.seed)
+    if cfg.objective not in ("both", "prediction", "correction"):
+        fail(f"--objective must be both, prediction or correction, got {cfg.objective!r}")
+    if cfg.batch % d.world:
+        fail(f"--batch {cfg.batch} is not divisible by the number of processes {d.world}")
+    if not 0 < cfg.pred_frac < 1 or cfg.delta_power <= 0:
+        fail("--pred-frac must be in (0, 1) and --delta-power positive")
+    prepare_out(cfg)
+    batch = cfg.batch // d.world
+    teacher, teacher_net, world = load_teacher(cfg, d.device)
+    shape, num_classes = tuple(teacher_net.shape), teacher_net.num_classes
+
+    # student and online velocity network g both start as copies of the teacher network; the new
+    # delta / gamma embeddings are zero-initialised so F(z, 0) = teacher velocity at t = 1.
+    student = build_backbone({**teacher_net._spec, "use_s": True, "use_g": True, "s_scale": cfg.delta_scale}).to(d.device)
+    init_from_teacher(student, teacher_net)
+    fake = build_backbone({**teacher_net._spec, "use_g": True}).to(d.device)  # g sees gamma: q depends on it [I]
+    init_from_teacher(fake, teacher_net)
+    ema = copy.deepcopy(student).requires_grad_(False)
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    fake_opt = torch.optim.Adam(fake.parameters(), lr=cfg.fake_lr, betas=(0.9, 0.99))
+    state = {"model": student, "ema": ema, "opt": opt, "fake": fake, "fake_opt": fake_opt}
+    ckpt_path, step = os.path.join(cfg.out, "ckpt.pt"), 0
+    if cfg.resume:
+        step = load_training_state(ckpt_path, cfg, state, None, d.device)
+    model, fake_model = maybe_compile(wrap_ddp(student), cfg.compile), maybe_compile(wrap_ddp(fake), cfg.compile)
+    use_correction = cfg.objective != "prediction"
+
+    def fake_velocity(x, t, y, gamma):
+        return unwrap(fake_model)(x, t, y, g=gamma)
+
+    def train_step(lr_scale=1.0):
+        if use_correction:  # g follows the student's current one-step distribution (plain flow matching)
+            for _ in range(cfg.fake_updates):
+                z = torch.randn(batch, *shape, device=d.device)
+                y, gamma = sample_conditions(batch, num_classes, cfg, d.device)
+                x_hat = one_step_sample(unwrap(model), z, y, gamma)
+                with autocast(d.device):
+                    fake_loss = flow_matching_loss(lambda x, t, yy: fake_model(x, t, yy, g=gamma), x_hat, y,
+                                                   logit_mean=cfg.r_logit_mean, logit_std=cfg.r_logit_std)
+                check_finite(fake_loss, step, "fake-network loss")
+                for group in fake_opt.param_groups:
+                    group["lr"] = cfg.fake_lr * lr_scale
+                fake_opt.zero_grad(set_to_none=True)
+                fake_loss.backward()
+                nn.utils.clip_grad_norm_(fake.parameters(), cfg.grad_clip)
+                fake_opt.step()
+        z = torch.randn(batch, *shape, device=d.device)
+        y, gamma = sample_conditions(batch, num_classes, cfg, d.device)
+        loss, stats = freeflow_loss(model, teacher, fake_velocity, z, y, gamma, cfg)
+        check_finite(loss, step)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        stats["grad_norm"] = float(nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
+        opt.step()
+        if use_correction:
+            stats["fake_loss"] = float(fake_loss)
+        return stats
+
+    if cfg.bench:  # one FreeFlow iteration vs one flow-matching step of the same network and batch
+        x0 = torch.randn(batch, *shape, device=d.device)  # stands in for a data batch (timing only)
+        y, gamma = sample_conditions(batch, num_classes, cfg, d.device)
+
+        def fm_step():
+            loss = flow_matching_loss(lambda x, t, yy: model(x, t, yy, s=torch.ones_like(t), g=gamma), x0, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        bench({"flow matching": fm_step, f"freeflow ({cfg.objective})": train_step})
+        cleanup()
+        return None
+
+    logger = Logger(cfg.out, cfg.steps, step, desc="freeflow")
+    t_start = time.time()
+    while step < cfg.steps:
+        stats = train_step(min(1.0, (step + 1) / cfg.lr_warmup))
+        ema_update(ema, model, cfg.ema_decay)
+        step += 1
+        logger.step()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            logger.log(step, stats)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save_training_state(ckpt_path, cfg, step, state, None, extra={"backbone": student._spec})
+    logger.close()
+    train_seconds = time.time() - t_start
+
+    if is_main():
+        sampler = lambda z, y: one_step_sample(ema, z, y, torch.full((len(z),), cfg.guidance, device=z.device))
+        if world is not None:
+            rows = evaluate([{"sampler": "student", "nfe": 1, "fn": sampler, "ode": True}], world, teacher, cfg, cfg.out,
+                            "freeflow", train_seconds, "gmm" if cfg.teacher == "gmm" else "learned",
+                            n=cfg.eval_samples, guidance=cfg.guidance, device=d.device)
+            print0(format_table(rows))
+        else:
+            evaluate_real(sampler, shape, num_classes, cfg, train_seconds, d.device)
+        print0(f"wrote {cfg.out}/ckpt.pt, metrics.json, samples.png ({train_seconds:.1f} s of training)")
+    barrier()
+    cleanup()
+    return ema
+
+
+@torch.no_grad()
+def evaluate_real(sampler, shape, num_classes, cfg, train_seconds, device, batch=250):
+    """Real data: a sample grid, and FID against reference statistics when they are given."""
+    def draw(n, offset=0):
+        z = torch.randn(n, *shape, device=device)
+        y = (torch.arange(offset, offset + n, device=device) % num_classes) if num_classes else None
+        return sampler(z, y).clamp(-1, 1).cpu()
+    save_panels(os.path.join(cfg.out, "samples.png"), [("student 1 NFE", image_grid(draw(64)))], scale=2)
+    results = []
+    if cfg.fid_ref or cfg.fid_weights:
+        if not (cfg.fid_ref and cfg.fid_weights):
+            fail("FID needs both --fid-ref (reference statistics) and --fid-weights (Inception weights)")
+        import eval_fid
+        samples = torch.cat([draw(min(batch, cfg.fid_samples - i), i) for i in range(0, cfg.fid_samples, batch)])
+        fid = eval_fid.fid_of_samples(samples, cfg.fid_ref, cfg.fid_weights, device=device)
+        results.append({"sampler": "student", "nfe": 1, "fid": float(fid)})
+        print0(f"FID ({cfg.fid_samples} samples, 1 NFE): {fid:.2f}")
+    write_json(os.path.join(cfg.out, "metrics.json"), {"method": "freeflow", "data": cfg.data, "teacher": "learned",
+                                                       "steps": cfg.steps, "train_seconds": round(train_seconds, 2),
+                                                       "guidance": cfg.guidance, "results": results})
+
+
+def main():
+    train(parse_config(Config))
+
+
+if __name__ == "__main__":
+    main()
