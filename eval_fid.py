@@ -336,15 +336,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
     S1 S2 has the eigenvalues of the symmetric PSD matrix S1^(1/2) S2 S1^(1/2) (AB and BA share them), so
     tr((S1 S2)^(1/2)) is the sum of square roots of eigvalsh of the latter: no complex round-off, no
-    iteration to fail, and rank-deficient covariances (fewer images than 2048) are fine. Eigenvalues below
-    zero are round-off and are clipped."""
+    iteration to fail, and rank-deficient covariances (fewer images than 2048) are fine."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         fail(f"statistics of different sizes: {mu1.shape} vs {mu2.shape} (features from another layer?)")
+
+    def psd_eigenvalues(w):
+        # below the numerical-rank tolerance (as np.linalg.matrix_rank) an eigenvalue is round-off: its square
+        # root would add ~1e-6 per null direction, and a rank-deficient covariance has hundreds of them
+        return np.where(w > w.max() * len(w) * np.finfo(np.float64).eps, w, 0.0)
+
     w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ sigma2 @ root1), 0, None)).sum()
+    root1 = (v * np.sqrt(psd_eigenvalues(w))) @ v.T
+    tr_covmean = np.sqrt(psd_eigenvalues(np.linalg.eigvalsh(root1 @ sigma2 @ root1))).sum()
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
