@@ -181,11 +181,11 @@ def generator_loss(x, y, teacher, critic, cfg):
     """DMD2 generator objective: L_DM + gan_g * softplus(-D(G(z))) (non-saturating, official softplus
     form of -log sigmoid). critic is the plain module with requires_grad off: gradients reach x only."""
     loss_dm = distribution_matching_loss(x, y, teacher, critic.score, cfg)
-    stats = {"dm_loss": float(loss_dm)}
+    stats = {"dm_loss": loss_dm.item()}
     if cfg.gan_g <= 0:
         return loss_dm, stats
     loss_gan = F.softplus(-gan_logits(critic, x, y)).mean()
-    stats["g_gan_loss"] = float(loss_gan)
+    stats["g_gan_loss"] = loss_gan.item()
     return loss_dm + cfg.gan_g * loss_gan, stats
 
 
@@ -199,12 +199,12 @@ def critic_loss(critic, x_fake, y_fake, x_real, y_real, cfg):
     between 0.8 and 4, so the per-t weighting is the same up to a bounded factor; the t distributions
     differ (logit-normal median 0.5 vs Karras-grid median 0.72)."""
     loss_fake = flow_matching_loss(critic, x_fake, y_fake)
-    stats = {"fake_loss": float(loss_fake)}
+    stats = {"fake_loss": loss_fake.item()}
     if unwrap(critic).head is None:
         return loss_fake, stats
     logits_fake, logits_real = gan_logits(critic, x_fake, y_fake), gan_logits(critic, x_real, y_real)
     loss_cls = F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
-    stats.update(d_gan_loss=float(loss_cls), d_real_acc=float((logits_real > 0).float().mean()),
+    stats.update(d_gan_loss=loss_cls.item(), d_real_acc=float((logits_real > 0).float().mean()),
                  d_fake_acc=float((logits_fake < 0).float().mean()))
     return loss_fake + cfg.gan_d * loss_cls, stats
 

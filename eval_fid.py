@@ -302,8 +302,8 @@ def feature_stats(images, model, batch=50, device="cpu", distributed=None, desc=
 def is_stats_file(path):
     if not (path.endswith(".npz") and os.path.isfile(path)):
         return False
-    with np.load(path) as npz:
-        return "mu" in npz.files and "sigma" in npz.files
+    with np.load(path) as npz:  # opening an .npz reads only its index, not the arrays
+        return {"mu", "sigma"} <= set(npz.files)
 
 
 def load_stats(path):
@@ -334,9 +334,9 @@ def stats_of(path, model, batch=50, device="cpu", distributed=None):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
-    S1 S2 has the eigenvalues of the symmetric PSD matrix S1^(1/2) S2 S1^(1/2) (AB and BA share them), so
-    tr((S1 S2)^(1/2)) is the sum of square roots of eigvalsh of the latter: no complex round-off, no
-    iteration to fail, and rank-deficient covariances (fewer images than 2048) are fine."""
+    With S1 = L L^T (L = V sqrt(W) from eigh), S1 S2 = L (L^T S2) has the eigenvalues of the symmetric PSD
+    matrix L^T S2 L (AB and BA share them), so the trace is a sum of square roots of eigvalsh: no complex
+    round-off, no iteration to fail, and rank-deficient covariances (fewer images than 2048) are fine."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -348,12 +348,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
         return np.where(w > w.max() * len(w) * np.finfo(np.float64).eps, w, 0.0)
 
     w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
-    root1 = (v * np.sqrt(psd_eigenvalues(w))) @ v.T
-    tr_covmean = np.sqrt(psd_eigenvalues(np.linalg.eigvalsh(root1 @ sigma2 @ root1))).sum()
+    factor1 = v * np.sqrt(psd_eigenvalues(w))
+    tr_covmean = np.sqrt(psd_eigenvalues(np.linalg.eigvalsh(factor1.T @ sigma2 @ factor1))).sum()
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def fid_of_samples(samples, ref_path, weights_path=None, batch=100, device=None):
+def fid_of_samples(samples, ref_path, weights_path=None, batch=50, device=None):
     """FID of generated samples (NCHW float in [-1, 1]) against ref_path (statistics .npz, image .npz or
     folder). Runs in this process alone (no collectives), so a method file can call it from rank 0."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -405,10 +405,9 @@ def main():
         print(f"wrote {args.save_stats} (mu {mu.shape}, sigma {sigma.shape})")
     if args.ref:
         mu_ref, sigma_ref = stats_of(args.ref, model, args.batch, device)
-        fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
-        label = "RANDOM WEIGHTS, MEANINGLESS" if args.random_weights else "pytorch-fid InceptionV3 weights and preprocessing"
-        if is_main:
-            print(f"FID ({label}): {fid:.4f}")
+        if is_main:  # every rank holds the full statistics; one is enough for the distance
+            label = "RANDOM WEIGHTS, MEANINGLESS" if args.random_weights else "pytorch-fid InceptionV3 weights and preprocessing"
+            print(f"FID ({label}): {frechet_distance(mu, sigma, mu_ref, sigma_ref):.4f}")
     if dist.is_initialized():
         dist.destroy_process_group()
 
