@@ -97,6 +97,14 @@ def noised(x0, t, eps):
     return (1 - bc(t, x0)) * x0 + bc(t, x0) * eps
 
 
+def karras_times(n, device, lo=0, hi=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0, grid=1000):
+    """The official noise levels: an index uniform in [lo, hi) of the 1000-point Karras grid (EDM,
+    rho = 7, flipped so index 0 is sigma_min), returned as rectified-flow time t = sigma / (1 + sigma)."""
+    i = torch.randint(lo, hi, (n,), device=device).double() / (grid - 1)
+    sigma = (sigma_max ** (1 / rho) + (1 - i) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return (sigma / (1 + sigma)).float()
+
+
 def generator_times(n):
     """The fixed schedule shared by training and sampling: 1, 1 - 1/N, ... (official SDXL 4-step:
     999, 749, 499, 249 of 1000 DDPM steps, i.e. t = 1, .75, .5, .25)."""
@@ -158,7 +166,10 @@ def distribution_matching_loss(x, y, teacher, fake_score, cfg):
     (sigma 0.0032..72, i.e. t 0.003..0.986 with median 0.72); the paper writes t ~ U[0.02T, 0.98T].
     Here t ~ U[dm_t_min, dm_t_max] in rectified-flow time. fake_score(x_t, t, y) returns a velocity."""
     with torch.no_grad():
-        t = cfg.dm_t_min + (cfg.dm_t_max - cfg.dm_t_min) * torch.rand(len(x), device=x.device)
+        if os.environ.get("DM_T") == "karras":
+            t = karras_times(len(x), x.device, 20, 981)
+        else:
+            t = cfg.dm_t_min + (cfg.dm_t_max - cfg.dm_t_min) * torch.rand(len(x), device=x.device)
         x_t = noised(x, t, torch.randn_like(x))
         x0_real = x_t - bc(t, x) * real_velocity(teacher, x_t, t, y, cfg.guidance)
         with autocast(x.device):
@@ -172,7 +183,7 @@ def distribution_matching_loss(x, y, teacher, fake_score, cfg):
 def gan_logits(critic, x, y):
     """Diffusion-GAN (DMD2 §4.3): classify x after noising it to t ~ U[0, 1] with fresh noise (official:
     uniform index over the whole Karras grid, i.e. sigma 0.002..80, t 0.002..0.988)."""
-    t = torch.rand(len(x), device=x.device)
+    t = karras_times(len(x), x.device) if os.environ.get("FAKE_T") == "karras" else torch.rand(len(x), device=x.device)
     with autocast(x.device):
         return critic(noised(x, t, torch.randn_like(x)), t, y, classify=True).float()
 
@@ -198,7 +209,9 @@ def critic_loss(critic, x_fake, y_fake, x_real, y_real, cfg):
     the EDM weight is ((1 - t)^2 + 4 t^2) / t^2: the two weightings differ by the factor (1 - t)^2 + 4 t^2,
     between 0.8 and 4, so the per-t weighting is the same up to a bounded factor; the t distributions
     differ (logit-normal median 0.5 vs Karras-grid median 0.72)."""
-    loss_fake = flow_matching_loss(critic, x_fake, y_fake)
+    ft = os.environ.get("FAKE_T")
+    t = karras_times(len(x_fake), x_fake.device) if ft == "karras" else (torch.rand(len(x_fake)) if ft == "uniform" else None)
+    loss_fake = flow_matching_loss(critic, x_fake, y_fake, t)
     stats = {"fake_loss": loss_fake.item()}
     if unwrap(critic).head is None:
         return loss_fake, stats

@@ -51,7 +51,7 @@ class Config:
     data: str = "checkerboard"     # world preset / mixture .npz (scored exactly), or a dataset path (never read)
     teacher: str = "gmm"           # 'gmm': the analytic world; or a `python common.py teacher` checkpoint
     out: str = "runs/freeflow"
-    steps: int = 1500              # toy scale; the paper trains ~100K-1.5M iterations at batch ~256
+    steps: int = 3000              # toy scale; the paper trains ~100K-1.5M iterations at batch ~256
     batch: int = 256               # global batch, split across ranks, then 75/25 between the two objectives
     lr: float = 3e-4               # student Adam lr (paper: not published; toy value)
     fake_lr: float = 3e-4          # lr of the online velocity network g (not published)
@@ -91,8 +91,9 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------------
 # The student flow map f(z, delta) = z - delta F(z, delta): the teacher's backbone with delta as the
-# second time input s and the CFG scale gamma as input g. The first time input is pinned at t = 1
-# (the map always starts at the prior, paper §3 / official models.py: t, dt, gw embeddings summed).
+# second time input s and the CFG scale gamma as input g, all embeddings summed into the adaLN vector
+# (official models.py: t, dt, gw). The first time input is pinned at t = 1: the map always starts at
+# the prior (paper §3).
 
 def average_velocity(net, z, delta, y, gamma):
     return net(z, torch.ones_like(delta), y, s=delta, g=gamma)
@@ -101,12 +102,6 @@ def average_velocity(net, z, delta, y, gamma):
 def jump(net, z, delta, y, gamma):
     """f(z, delta): where the teacher ODE started at z (t = 1) arrives at t = 1 - delta."""
     return z - bcast(delta, z) * average_velocity(net, z, delta, y, gamma)
-
-
-@torch.no_grad()
-def one_step_sample(net, z, y, gamma):
-    """The sampler: one jump over the whole interval, x0 = f(z, 1) = z - F(z, 1)."""
-    return jump(net, z, torch.ones(len(z), device=z.device), y, gamma)
 
 
 def bcast(v, like):
@@ -130,7 +125,7 @@ def velocity_and_delta_derivative(net, z, delta, y, gamma):
 def prediction_residual(net, teacher, z, delta, y, gamma):
     """Delta_G = F + delta dF/d(delta) - u(f(z, delta), 1 - delta), without a graph (paper Eq. 7/9):
     zero for the exact flow map. The teacher is queried at the student's own output f(z, delta), with
-    CFG gamma."""
+    CFG gamma at every t, as the teacher's own sampler (the one the evaluation compares against)."""
     F, dF = velocity_and_delta_derivative(net, z, delta, y, gamma)
     with torch.no_grad():
         f = z - bcast(delta, z) * F
@@ -141,7 +136,8 @@ def prediction_residual(net, teacher, z, delta, y, gamma):
 def correction_residual(x_hat, y, gamma, teacher, fake_velocity, cfg):
     """Delta_N = v_g - u at x_r = (1 - r) x_hat + r n (paper Eq. 11, project signs): v_g is the
     velocity of the student's own noised samples (the online network g), u the teacher's, whose CFG is
-    kept to t <= corr_guidance_max in this branch only. r is logit-normal biased toward noise."""
+    kept to t <= corr_guidance_max in this branch only. r is logit-normal biased toward noise and
+    reaches 1: the gap between the two distributions accumulates from the prior on."""
     with torch.no_grad():
         r = torch.sigmoid(cfg.r_logit_mean + cfg.r_logit_std * torch.randn(len(x_hat), device=x_hat.device))
         x_r = (1 - bcast(r, x_hat)) * x_hat + bcast(r, x_hat) * torch.randn_like(x_hat)
@@ -150,62 +146,92 @@ def correction_residual(x_hat, y, gamma, teacher, fake_velocity, cfg):
 
 
 def freeflow_loss(model, teacher, fake_velocity, z, y, gamma, cfg):
-    """One surrogate loss whose gradient is the paper's combined update (§ Combination):
-        grad = sum_pred w <dF, Delta_G> + lambda sum_corr <dF(z, 1), Delta_N>,   both over the whole batch,
-    with w = (|Delta_G|^2/d + eps)^-k (power-law weighting) and lambda = alpha E|Delta_G| / (E|Delta_N| + eps).
-    The prediction term is the gradient of (w/2)|F - sg(u(f, 1 - delta) - delta dF/d(delta))|^2 (Eq. 9).
-    One gradient-carrying forward through the DDP wrapper covers both branches."""
+    """A surrogate loss whose gradient is the paper's combined update (§ Combination):
+        grad = sum_pred w <dF, Delta_G> + lambda sum_corr <dF(z, 1), Delta_N>,  both over the whole batch,
+    w = (|Delta_G|^2 / d + eps)^-k (power-law weight), lambda = alpha E|Delta_G| / (E|Delta_N| + eps) (a constant).
+    The prediction term is the gradient of (w/2) |F - sg(u(f, 1 - delta) - delta dF/d(delta))|^2 (Eq. 9), the
+    correction term that of the integral KL (Eq. 10/11). One gradient-carrying forward through the DDP
+    wrapper covers both branches; the JVP and all targets carry no graph."""
     B, d = len(z), z[0].numel()
     n_pred = {"prediction": B, "correction": 0}.get(cfg.objective, round(B * cfg.pred_frac))
     delta = torch.rand(B, device=z.device).pow(cfg.delta_power)
-    delta[n_pred:] = 1.0  # correction only acts on the one-step endpoint
+    delta[n_pred:] = 1.0  # only the one-step endpoint is corrected (paper: correcting the whole path did not help)
     with autocast(z.device):
         F = model(z, torch.ones_like(delta), y, s=delta, g=gamma).float()
     loss, stats = F.new_zeros(()), {}
-    norm_G, norm_N = F.new_zeros(()), F.new_zeros(())
+    norm_G = F.new_zeros(())
     if n_pred:
-        sl = slice(0, n_pred)
-        delta_G = prediction_residual(unwrap(model), teacher, z[sl], delta[sl], y if y is None else y[sl], gamma[sl])
+        p = slice(0, n_pred)
+        delta_G = prediction_residual(unwrap(model), teacher, z[p], delta[p], None if y is None else y[p], gamma[p])
         w = (sq_norm(delta_G) / d + cfg.weight_eps).pow(-cfg.power_k)
-        loss = loss + (w * (F[sl] * delta_G).flatten(1).sum(1)).sum() / (B * d)
-        norm_G = (w * sq_norm(delta_G).sqrt() if cfg.lambda_weighted else sq_norm(delta_G).sqrt()).mean()
+        loss = loss + (w * (F[p] * delta_G).flatten(1).sum(1)).sum() / (B * d)
+        norm_G = (w if cfg.lambda_weighted else 1.0) * sq_norm(delta_G).sqrt()
+        norm_G = norm_G.mean()
         stats["residual"] = float(sq_norm(delta_G).mean() / d)
     if n_pred < B:
-        sl = slice(n_pred, B)
-        x_hat = (z[sl] - F[sl]).detach()  # f(z, 1)
-        delta_N = correction_residual(x_hat, y if y is None else y[sl], gamma[sl], teacher, fake_velocity, cfg)
-        norm_N = sq_norm(delta_N).sqrt().mean()
-        norms = reduce_mean({"G": norm_G, "N": norm_N})  # one lambda for all ranks
-        lam = cfg.alpha * (norms["G"] / (norms["N"] + 1e-8) if n_pred else 1.0)
-        loss = loss + lam * (F[sl] * delta_N).flatten(1).sum(1).sum() / (B * d)
-        stats.update(corr_norm=float(norm_N), lam=float(lam))
+        c = slice(n_pred, B)
+        x_hat = (z[c] - F[c]).detach()  # f(z, 1), the one-step samples
+        delta_N = correction_residual(x_hat, None if y is None else y[c], gamma[c], teacher, fake_velocity, cfg)
+        norms = reduce_mean({"G": norm_G, "N": sq_norm(delta_N).sqrt().mean()})  # one lambda on every rank
+        lam = cfg.alpha * norms["G"] / (norms["N"] + 1e-8) if n_pred else cfg.alpha
+        loss = loss + lam * (F[c] * delta_N).flatten(1).sum(1).sum() / (B * d)
+        stats.update(corr_norm=norms["N"], lam=lam)
     return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampler: one jump over the whole interval (the paper and the official sampler use one step only;
+# the map always starts at the prior, so there is no intermediate state to jump from)
+
+@torch.no_grad()
+def one_step_sample(net, z, y, gamma):
+    """x0 = f(z, 1) = z - F(z, 1)."""
+    return jump(net, z, torch.ones(len(z), device=z.device), y, gamma)
+
+
+@torch.no_grad()
+def evaluate_real(sampler, shape, num_classes, cfg, train_seconds, device, batch=250):
+    """Real data: a sample grid, and FID against reference statistics when they are given."""
+    def draw(n, offset=0):
+        z = torch.randn(n, *shape, device=device)
+        y = (torch.arange(offset, offset + n, device=device) % num_classes) if num_classes else None
+        return sampler(z, y).clamp(-1, 1).cpu()
+    save_panels(os.path.join(cfg.out, "samples.png"), [("student 1 NFE", image_grid(draw(64)))], scale=2)
+    results = []
+    if cfg.fid_ref:
+        import eval_fid
+        x = torch.cat([draw(min(batch, cfg.fid_samples - i), i) for i in range(0, cfg.fid_samples, batch)])
+        fid = float(eval_fid.fid_of_samples(x, cfg.fid_ref, cfg.fid_weights, device=device))
+        results.append({"sampler": "student", "nfe": 1, "fid": fid})
+        print0(f"FID ({cfg.fid_samples} samples, 1 NFE): {fid:.2f}")
+    write_json(os.path.join(cfg.out, "metrics.json"), {"method": "freeflow", "data": cfg.data, "teacher": "learned",
+                                                       "steps": cfg.steps, "train_seconds": round(train_seconds, 2),
+                                                       "guidance": cfg.guidance, "results": results})
 
 
 # ---------------------------------------------------------------------------------------------------
 # Training: noise and labels in, nothing else
 
 def sample_conditions(batch, num_classes, cfg, device):
-    """Prior noise, uniform labels and CFG scales: everything the training loop ever feeds in."""
-    y = torch.randint(0, num_classes, (batch,), device=device) if num_classes else None
-    if num_classes:
-        gamma = cfg.gamma_min + (cfg.gamma_max - cfg.gamma_min) * torch.rand(batch, device=device)
-    else:
-        gamma = torch.ones(batch, device=device)  # unconditional: CFG does not apply
-    return y, gamma
+    """Labels (uniform) and CFG scales: with the prior noise, everything the training loop feeds in."""
+    if not num_classes:
+        return None, torch.ones(batch, device=device)  # unconditional: CFG does not apply
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    return y, cfg.gamma_min + (cfg.gamma_max - cfg.gamma_min) * torch.rand(batch, device=device)
 
 
 def load_teacher(cfg, device):
-    """(teacher, its network, the world or None). The world is the analytic teacher or an exact scorer;
-    it is never sampled for training. A dataset path is never read."""
+    """(teacher, its network, the world or None). The world is the analytic teacher and the exact scorer
+    of the evaluation; training never samples it. A dataset path is never read."""
     world = make_world(cfg.data)
     if world is None and not os.path.exists(cfg.data):
         fail(f"--data {cfg.data!r} is neither a world preset, a mixture .npz, nor an existing dataset path")
     if cfg.teacher == "gmm":
         return (*teacher_for(cfg, DataSource(cfg.data), device, {"hidden": cfg.hidden, "depth": cfg.depth}), world)
     net = load_teacher_net(cfg.teacher, device)
-    if world is not None and tuple(net.shape) != tuple(world.shape):
-        fail(f"teacher {cfg.teacher} generates shape {tuple(net.shape)} but --data {cfg.data} has {tuple(world.shape)}")
+    if world is not None and (tuple(net.shape), net.num_classes) != (tuple(world.shape), world.num_classes):
+        fail(f"teacher {cfg.teacher} (shape {tuple(net.shape)}, {net.num_classes} classes) does not match --data "
+             f"{cfg.data} (shape {tuple(world.shape)}, {world.num_classes} classes)")
     return NetTeacher(net), net, world
 
 
@@ -215,18 +241,24 @@ def train(cfg):
         fail(f"--objective must be both, prediction or correction, got {cfg.objective!r}")
     if cfg.batch % d.world:
         fail(f"--batch {cfg.batch} is not divisible by the number of processes {d.world}")
-    if not 0 < cfg.pred_frac < 1 or cfg.delta_power <= 0:
-        fail("--pred-frac must be in (0, 1) and --delta-power positive")
+    if not 0 < cfg.pred_frac < 1 or cfg.delta_power <= 0 or cfg.fake_updates < 1:
+        fail("--pred-frac must be in (0, 1), --delta-power positive and --fake-updates at least 1")
+    if bool(cfg.fid_ref) != bool(cfg.fid_weights):
+        fail("FID needs both --fid-ref (reference statistics) and --fid-weights (Inception weights)")
     prepare_out(cfg)
     batch = cfg.batch // d.world
     teacher, teacher_net, world = load_teacher(cfg, d.device)
     shape, num_classes = tuple(teacher_net.shape), teacher_net.num_classes
+    if num_classes and not cfg.gamma_min <= cfg.guidance <= cfg.gamma_max:
+        fail(f"--guidance {cfg.guidance} lies outside the trained CFG range [{cfg.gamma_min}, {cfg.gamma_max}]")
 
-    # student and online velocity network g both start as copies of the teacher network; the new
-    # delta / gamma embeddings are zero-initialised so F(z, 0) = teacher velocity at t = 1.
-    student = build_backbone({**teacher_net._spec, "use_s": True, "use_g": True, "s_scale": cfg.delta_scale}).to(d.device)
+    # Student and online velocity network g both start as copies of the teacher network. The new
+    # delta / gamma embeddings are zero-initialised, so F(z, delta) starts at the teacher velocity u(z, 1),
+    # the exact value at delta = 0. g also takes gamma: the student's distribution depends on it [I].
+    student = build_backbone({**teacher_net._spec, "use_s": True, "use_g": True, "s_scale": cfg.delta_scale})
+    fake = build_backbone({**teacher_net._spec, "use_g": True})
+    student, fake = student.to(d.device), fake.to(d.device)
     init_from_teacher(student, teacher_net)
-    fake = build_backbone({**teacher_net._spec, "use_g": True}).to(d.device)  # g sees gamma: q depends on it [I]
     init_from_teacher(fake, teacher_net)
     ema = copy.deepcopy(student).requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
@@ -242,24 +274,27 @@ def train(cfg):
         return unwrap(fake_model)(x, t, y, g=gamma)
 
     def train_step(lr_scale=1.0):
-        if use_correction:  # g follows the student's current one-step distribution (plain flow matching)
-            for _ in range(cfg.fake_updates):
-                z = torch.randn(batch, *shape, device=d.device)
-                y, gamma = sample_conditions(batch, num_classes, cfg, d.device)
-                x_hat = one_step_sample(unwrap(model), z, y, gamma)
-                with autocast(d.device):
-                    fake_loss = flow_matching_loss(lambda x, t, yy: fake_model(x, t, yy, g=gamma), x_hat, y,
-                                                   logit_mean=cfg.r_logit_mean, logit_std=cfg.r_logit_std)
-                check_finite(fake_loss, step, "fake-network loss")
-                for group in fake_opt.param_groups:
-                    group["lr"] = cfg.fake_lr * lr_scale
-                fake_opt.zero_grad(set_to_none=True)
-                fake_loss.backward()
-                nn.utils.clip_grad_norm_(fake.parameters(), cfg.grad_clip)
-                fake_opt.step()
+        stats = {}
+        for _ in range(cfg.fake_updates if use_correction else 0):
+            # g tracks the velocity of the student's current one-step distribution by plain flow matching
+            # on detached samples, at noise levels drawn as the correction's r (where it is queried)
+            z = torch.randn(batch, *shape, device=d.device)
+            y, gamma = sample_conditions(batch, num_classes, cfg, d.device)
+            x_hat = one_step_sample(unwrap(model), z, y, gamma)
+            with autocast(d.device):
+                fake_loss = flow_matching_loss(lambda x, t, yy: fake_model(x, t, yy, g=gamma), x_hat, y,
+                                               logit_mean=cfg.r_logit_mean, logit_std=cfg.r_logit_std)
+            check_finite(fake_loss, step, "online velocity network loss")
+            for group in fake_opt.param_groups:
+                group["lr"] = cfg.fake_lr * lr_scale
+            fake_opt.zero_grad(set_to_none=True)
+            fake_loss.backward()
+            nn.utils.clip_grad_norm_(fake.parameters(), cfg.grad_clip)
+            fake_opt.step()
+            stats["fake_loss"] = fake_loss.item()
         z = torch.randn(batch, *shape, device=d.device)
         y, gamma = sample_conditions(batch, num_classes, cfg, d.device)
-        loss, stats = freeflow_loss(model, teacher, fake_velocity, z, y, gamma, cfg)
+        loss, student_stats = freeflow_loss(model, teacher, fake_velocity, z, y, gamma, cfg)
         check_finite(loss, step)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_scale
@@ -267,11 +302,9 @@ def train(cfg):
         loss.backward()
         stats["grad_norm"] = float(nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
         opt.step()
-        if use_correction:
-            stats["fake_loss"] = fake_loss.item()
-        return stats
+        return {**student_stats, **stats}
 
-    if cfg.bench:  # one FreeFlow iteration vs one flow-matching step of the same network and batch
+    if cfg.bench:  # one FreeFlow iteration against one flow-matching step of the same network and batch
         x0 = torch.randn(batch, *shape, device=d.device)  # stands in for a data batch (timing only)
         y, gamma = sample_conditions(batch, num_classes, cfg, d.device)
 
@@ -299,7 +332,8 @@ def train(cfg):
     train_seconds = time.time() - t_start
 
     if is_main():
-        sampler = lambda z, y: one_step_sample(ema, z, y, torch.full((len(z),), cfg.guidance, device=z.device))
+        g = cfg.guidance if num_classes else 1.0
+        sampler = lambda z, y: one_step_sample(ema, z, y, torch.full((len(z),), g, device=z.device))
         if world is not None:
             rows = evaluate([{"sampler": "student", "nfe": 1, "fn": sampler, "ode": True}], world, teacher, cfg, cfg.out,
                             "freeflow", train_seconds, "gmm" if cfg.teacher == "gmm" else "learned",
@@ -311,28 +345,6 @@ def train(cfg):
     barrier()
     cleanup()
     return ema
-
-
-@torch.no_grad()
-def evaluate_real(sampler, shape, num_classes, cfg, train_seconds, device, batch=250):
-    """Real data: a sample grid, and FID against reference statistics when they are given."""
-    def draw(n, offset=0):
-        z = torch.randn(n, *shape, device=device)
-        y = (torch.arange(offset, offset + n, device=device) % num_classes) if num_classes else None
-        return sampler(z, y).clamp(-1, 1).cpu()
-    save_panels(os.path.join(cfg.out, "samples.png"), [("student 1 NFE", image_grid(draw(64)))], scale=2)
-    results = []
-    if cfg.fid_ref or cfg.fid_weights:
-        if not (cfg.fid_ref and cfg.fid_weights):
-            fail("FID needs both --fid-ref (reference statistics) and --fid-weights (Inception weights)")
-        import eval_fid
-        samples = torch.cat([draw(min(batch, cfg.fid_samples - i), i) for i in range(0, cfg.fid_samples, batch)])
-        fid = eval_fid.fid_of_samples(samples, cfg.fid_ref, cfg.fid_weights, device=device)
-        results.append({"sampler": "student", "nfe": 1, "fid": float(fid)})
-        print0(f"FID ({cfg.fid_samples} samples, 1 NFE): {fid:.2f}")
-    write_json(os.path.join(cfg.out, "metrics.json"), {"method": "freeflow", "data": cfg.data, "teacher": "learned",
-                                                       "steps": cfg.steps, "train_seconds": round(train_seconds, 2),
-                                                       "guidance": cfg.guidance, "results": results})
 
 
 def main():

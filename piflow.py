@@ -102,6 +102,8 @@ def bc(v, like):
 
 def warp(tau, shift):
     """Raw time -> sigma (SD3/FLUX shift): sigma = s tau / (1 + (s - 1) tau)."""
+    if shift == 1:
+        return tau
     return shift * tau / (1 + (shift - 1) * tau)
 
 
@@ -124,22 +126,29 @@ class GMPolicy:
         self.means = self.x_s[:, None] - bc(self.sigma_s, means_u) * means_u.to(dtype)  # m_k = x_s - sigma_s mu_k
         self.logweights = torch.log_softmax(logweights.to(dtype), 1)
         self.var = (self.sigma_s * logstd.to(dtype).exp()) ** 2                             # v = sigma_s^2 s^2
+        self.sq_means = self.means.pow(2).sum(2, keepdim=True)                                # |m_k|^2 per pixel
+        a_s = 1 - self.sigma_s
+        self.zeta_s, self.nu_s = (a_s / self.sigma_s) ** 2, bc(a_s / self.sigma_s ** 2, x_s) * self.x_s  # start terms
 
     def velocity(self, x, sigma):
+        """Transport of p(x0 | x_s) to p(x0 | x) at sigma < sigma_s (GMFlow's closed form, reference §7):
+        multiply every component by N(x; a x0, sigma^2) / N(x_s; a_s x0, sigma_s^2) = exp(-zeta |x0|^2 / 2 + nu.x0)."""
         x, sigma = x.to(self.x_s.dtype), sigma.to(self.x_s.dtype).clamp_min(SIGMA_MIN)
-        a, a_s = 1 - sigma, 1 - self.sigma_s
-        zeta = (a / sigma) ** 2 - (a_s / self.sigma_s) ** 2                                   # (B,)
-        nu = bc(a / sigma ** 2, x) * x - bc(a_s / self.sigma_s ** 2, x) * self.x_s            # (B, C, ...)
-        denom = bc((1 + self.var * zeta).clamp_min(DENOM_MIN), self.means)
-        nu, zeta_b = nu[:, None], bc(zeta, self.means)
-        means_t = (self.means + bc(self.var, self.means) * nu) / denom                        # transported means
-        logw_t = self.logweights + (self.means * (nu - 0.5 * zeta_b * self.means)).sum(2, keepdim=True) / denom
-        x0 = (torch.softmax(logw_t, 1) * means_t).sum(1)
+        a = 1 - sigma
+        zeta = (a / sigma) ** 2 - self.zeta_s                                                 # (B,)
+        nu = bc(a / sigma ** 2, x) * x - self.nu_s                                            # (B, C, ...)
+        denom = (1 + self.var * zeta).clamp_min(DENOM_MIN)                                    # 1 + v zeta
+        # log A'_k = log A_k + (m_k.nu - zeta |m_k|^2 / 2) / (1 + v zeta), the dot over the channels of a pixel
+        shift = ((self.means * nu[:, None]).sum(2, keepdim=True) - bc(zeta / 2, self.means) * self.sq_means)
+        weights = torch.softmax(self.logweights + shift / bc(denom, self.means), 1)
+        # sum_k A'_k m'_k with m'_k = (m_k + v nu) / (1 + v zeta): the shared v lets the v nu term leave the sum
+        x0 = ((weights * self.means).sum(1) + bc(self.var, x) * nu) / bc(denom, x)
         return (x - x0) / bc(sigma, x)
 
     def detach(self):
         p = copy.copy(self)
-        p.means, p.logweights, p.var = self.means.detach(), self.logweights.detach(), self.var.detach()
+        p.means, p.logweights, p.var, p.sq_means = (v.detach() for v in (self.means, self.logweights, self.var, self.sq_means))
+        p.nu_s, p.zeta_s = self.nu_s.detach(), self.zeta_s.detach()
         return p
 
     def dropout_(self, p):
@@ -235,12 +244,12 @@ def rollout(policy, x, tau_from, tau_to, cfg):
     """Euler in sigma, x <- x + pi(x, sigma) (sigma_next - sigma), per-sample substep counts; samples that
     need fewer substeps stop moving (step 0) while the others finish."""
     n = substep_counts(tau_from, tau_to, cfg.total_substeps)
-    dtau = (tau_from - tau_to) / n
-    for i in range(int(n.max())):
-        tau = tau_from - torch.clamp(n - 1, max=i) * dtau
-        sigma, sigma_next = warp(tau, cfg.shift), warp(tau - dtau, cfg.shift)
-        step = torch.where(i < n, sigma_next - sigma, torch.zeros_like(sigma))
-        x = x + bc(step, x).to(x.dtype) * policy.velocity(x, sigma).to(x.dtype)
+    i = torch.arange(int(n.max()) + 1, device=x.device)[:, None]                 # (max n + 1, 1)
+    tau = tau_from - torch.minimum(i, n) * ((tau_from - tau_to) / n)              # per-sample grid, held at its end
+    sigma = warp(tau, cfg.shift)
+    steps = (sigma[1:] - sigma[:-1]).to(x.dtype)                                  # 0 once a sample is done
+    for k in range(len(steps)):
+        x = x + bc(steps[k], x) * policy.velocity(x, sigma[k]).to(x.dtype)
     return x
 
 
