@@ -274,7 +274,7 @@ def piid_segment(model, teacher, x_s, tau_s, tau_dst, y, cfg, mix_ratio=0.0):
     window = torch.minimum(cfg.window_substeps * L / substep_counts(tau_s, tau_dst, M), L)  # ~W substeps
     with autocast(x_s.device):
         out = model(x_s, warp(tau_s, cfg.shift).to(x_s.dtype), y)
-    policy = make_policy([o.float() for o in out], x_s, tau_s, tau_dst, cfg.shift)  # differentiable
+    policy = make_policy(out, x_s, tau_s, tau_dst, cfg.shift)  # differentiable
     rollout_policy = policy.detach()
     if isinstance(rollout_policy, GMPolicy) and cfg.gm_dropout > 0:
         rollout_policy.dropout_(cfg.gm_dropout)
@@ -290,7 +290,7 @@ def piid_segment(model, teacher, x_s, tau_s, tau_dst, y, cfg, mix_ratio=0.0):
         with torch.no_grad():  # on-policy state (the detached, dropout-perturbed policy) and the teacher's target
             x_a = rollout(rollout_policy, x, tau, tau_a, cfg)
             u_teacher = teacher.velocity(x_a, warp(tau_a, cfg.shift).to(x_a.dtype), y, cfg.guidance,
-                                         interval=floats(cfg.guidance_interval)).float()
+                                         interval=floats(cfg.guidance_interval))
         tau_b = tau_a - d_teacher[:, i]
         u_policy = average_velocity(policy, x_a, tau_a, tau_b - window, cfg)
         losses.append((u_policy - u_teacher).pow(2).flatten(1).mean(1))
@@ -320,7 +320,7 @@ def piid_step(model, teacher, x0, y, nfe, cfg, mix_ratio, step=0):
         loss = piid_segment(model, teacher, x_s, tau_s, tau_dst, y, cfg, mix_ratio)[0].mean()
         check_finite(loss, step)
         loss.backward()
-        return float(loss)
+        return loss.item()
     taus = segment_times(nfe, cfg.final_step_scale).to(x0.device)
     x, total = torch.randn_like(x0), 0.0
     for i in range(nfe):
@@ -329,7 +329,7 @@ def piid_step(model, teacher, x0, y, nfe, cfg, mix_ratio, step=0):
         loss = (taus[i] - taus[i + 1]).float() * loss.mean()
         check_finite(loss, step)
         loss.backward()
-        total += float(loss)
+        total += loss.item()
         with torch.no_grad():
             x = rollout(rollout_policy, x_last, tau_last, tau_dst, cfg)
     return total
@@ -346,7 +346,7 @@ def sample(net, z, y, nfe, cfg):
         tau_s, tau_dst = taus[i].expand(len(z)), taus[i + 1].expand(len(z))
         with autocast(z.device):
             out = net(x, warp(tau_s, cfg.shift).to(z.dtype), y)
-        policy = make_policy([o.float() for o in out], x, tau_s, tau_dst, cfg.shift)
+        policy = make_policy(out, x, tau_s, tau_dst, cfg.shift)
         if isinstance(policy, GMPolicy) and i < nfe - 1:
             policy.temperature_(cfg.temperature)
         x = rollout(policy, x, tau_s, tau_dst, cfg).to(z.dtype)
@@ -412,7 +412,7 @@ def train(cfg):
 
         def start_velocity(out, x, t):  # the policy at its own start point: the mixture mean's velocity
             tau = t / (cfg.shift + (1 - cfg.shift) * t)
-            return make_policy([o.float() for o in out], x, tau, torch.zeros_like(tau), cfg.shift).velocity(x, t)
+            return make_policy(out, x, tau, torch.zeros_like(tau), cfg.shift).velocity(x, t)
 
         def fm_step():  # plain flow matching on that velocity: one forward and backward of the same network
             loss = flow_matching_loss(lambda x, t, yy: start_velocity(models[n](x, t, yy), x, t), x0, y)
