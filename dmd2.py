@@ -52,17 +52,21 @@ class Config:
     teacher: str = "gmm"           # 'gmm': the analytic world; or a `python common.py teacher` checkpoint
     out: str = "runs/dmd2"
     steps: int = 2000              # iterations = critic updates; G is updated every --ttur of them
-                                   # (paper ImageNet-64: 200k iterations = 40k G updates; toy scale here)
-    batch: int = 512               # global batch of G, critic and real data, split across ranks (paper: 280)
-    lr: float = 1e-4               # AdamW lr of G and critic, equal as in every official script. Paper: 2e-6 on
-                                   # ImageNet for 200k iterations; a 2000-iteration toy run needs a larger one
+                                   # (paper ImageNet-64: 200k iterations = 40k G updates; toy: 400 G updates)
+    batch: int = 512               # global batch of G, critic and real data, split across ranks (paper: 280;
+                                   # on the checkerboard 256 left G a blurred square, the DM estimate too noisy)
+    lr: float = 3e-4               # AdamW lr of G and critic, equal as in every official script. Paper: 2e-6 on
+                                   # ImageNet over 40k G updates; 400 need more (1e-4: still a square blob,
+                                   # 1e-3: G outruns the fake score and folds into filaments)
     lr_warmup: int = 50            # linear warmup, then constant (official: constant_with_warmup, 500 steps)
     weight_decay: float = 0.01     # AdamW, betas (0.9, 0.999) (official)
     grad_clip: float = 10.0        # both networks (official)
     ttur: int = 5                  # critic updates per G update (paper: 5 ImageNet/SDXL, 10 SD1.5)
     dm_t_min: float = 0.02         # DM noise level t ~ U[dm_t_min, dm_t_max] in rectified-flow time (see below)
     dm_t_max: float = 0.98
-    gan_g: float = 3e-3            # weight of the generator's GAN loss (paper ImageNet: 3e-3)
+    gan_g: float = 3e-3            # weight of the generator's GAN loss (paper ImageNet: 3e-3). On the 2D world its
+                                   # gradient on x is ~0.5x the DM loss's per unit weight, so this keeps the GAN
+                                   # a small term; 1.0 (gradient-norm matching, official issue #73) gave filaments
     gan_d: float = 1e-2            # weight of the critic's GAN classification loss (paper: 1e-2)
     steps_gen: int = 1             # generator steps N on the fixed grid t_i = 1 - i / N (paper SDXL: 4)
     backward_sim: bool = True      # multi-step G: train on inputs made by G itself (off: forward-noised real data)
@@ -97,10 +101,11 @@ def noised(x0, t, eps):
     return (1 - bc(t, x0)) * x0 + bc(t, x0) * eps
 
 
-def karras_times(n, device, lo=0, hi=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0, grid=1000):
-    """The official noise levels: an index uniform in [lo, hi) of the 1000-point Karras grid (EDM,
-    rho = 7, flipped so index 0 is sigma_min), returned as rectified-flow time t = sigma / (1 + sigma)."""
-    i = torch.randint(lo, hi, (n,), device=device).double() / (grid - 1)
+def karras_times(n, device, sigma_min=0.002, sigma_max=80.0, rho=7.0, grid=1000):
+    """The official noise levels of the fake score and the diffusion-GAN: an index uniform over the
+    1000-point EDM Karras grid (rho = 7, index 0 = sigma_min), as rectified-flow time t = sigma / (1 + sigma):
+    t in [0.002, 0.988], median 0.72, 28 % of the draws below t = 0.2 (where a 2D world's fine structure is)."""
+    i = torch.randint(0, grid, (n,), device=device).double() / (grid - 1)
     sigma = (sigma_max ** (1 / rho) + (1 - i) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return (sigma / (1 + sigma)).float()
 
@@ -166,10 +171,7 @@ def distribution_matching_loss(x, y, teacher, fake_score, cfg):
     (sigma 0.0032..72, i.e. t 0.003..0.986 with median 0.72); the paper writes t ~ U[0.02T, 0.98T].
     Here t ~ U[dm_t_min, dm_t_max] in rectified-flow time. fake_score(x_t, t, y) returns a velocity."""
     with torch.no_grad():
-        if os.environ.get("DM_T") == "karras":
-            t = karras_times(len(x), x.device, 20, 981)
-        else:
-            t = cfg.dm_t_min + (cfg.dm_t_max - cfg.dm_t_min) * torch.rand(len(x), device=x.device)
+        t = cfg.dm_t_min + (cfg.dm_t_max - cfg.dm_t_min) * torch.rand(len(x), device=x.device)
         x_t = noised(x, t, torch.randn_like(x))
         x0_real = x_t - bc(t, x) * real_velocity(teacher, x_t, t, y, cfg.guidance)
         with autocast(x.device):
@@ -181,9 +183,9 @@ def distribution_matching_loss(x, y, teacher, fake_score, cfg):
 
 
 def gan_logits(critic, x, y):
-    """Diffusion-GAN (DMD2 §4.3): classify x after noising it to t ~ U[0, 1] with fresh noise (official:
-    uniform index over the whole Karras grid, i.e. sigma 0.002..80, t 0.002..0.988)."""
-    t = karras_times(len(x), x.device) if os.environ.get("FAKE_T") == "karras" else torch.rand(len(x), device=x.device)
+    """Diffusion-GAN (DMD2 §4.3): classify x after noising it with fresh noise to a level drawn like the
+    official --diffusion_gan (uniform over the whole Karras grid)."""
+    t = karras_times(len(x), x.device)
     with autocast(x.device):
         return critic(noised(x, t, torch.randn_like(x)), t, y, classify=True).float()
 
@@ -203,15 +205,13 @@ def generator_loss(x, y, teacher, critic, cfg):
 def critic_loss(critic, x_fake, y_fake, x_real, y_real, cfg):
     """Denoising loss of the fake score on the detached generator samples + gan_d * classification loss
     softplus(D(fake)) + softplus(-D(real)) (DMD2 Eq. 4, softplus form).
-    Denoising loss: the shared flow-matching loss (velocity MSE, logit-normal t over the whole (0, 1)).
-    Official EDM: x0-MSE weighted by 1/sigma^2 + 1/sigma_d^2 (sigma_d = 0.5), t uniform over the Karras
-    grid. Since x0_hat - x0 = -t (u_hat - u), velocity MSE = x0-MSE / t^2, and in rectified-flow time
-    the EDM weight is ((1 - t)^2 + 4 t^2) / t^2: the two weightings differ by the factor (1 - t)^2 + 4 t^2,
-    between 0.8 and 4, so the per-t weighting is the same up to a bounded factor; the t distributions
-    differ (logit-normal median 0.5 vs Karras-grid median 0.72)."""
-    ft = os.environ.get("FAKE_T")
-    t = karras_times(len(x_fake), x_fake.device) if ft == "karras" else (torch.rand(len(x_fake)) if ft == "uniform" else None)
-    loss_fake = flow_matching_loss(critic, x_fake, y_fake, t)
+    Denoising loss: the shared flow-matching loss (velocity MSE) at the official noise levels (uniform
+    over the Karras grid, the full t range). Official EDM: x0-MSE weighted by 1/sigma^2 + 1/sigma_d^2
+    (sigma_d = 0.5). Since x0_hat - x0 = -t (u_hat - u), the velocity MSE is x0-MSE / t^2, while the EDM
+    weight in rectified-flow time is ((1 - t)^2 + 4 t^2) / t^2: the two differ only by the bounded factor
+    (1 - t)^2 + 4 t^2 in [0.8, 4] (1 at t = 0, 4 at t = 1), i.e. flow matching puts up to 4x less weight
+    on the noisiest levels relative to the cleanest."""
+    loss_fake = flow_matching_loss(critic, x_fake, y_fake, karras_times(len(x_fake), x_fake.device))
     stats = {"fake_loss": loss_fake.item()}
     if unwrap(critic).head is None:
         return loss_fake, stats

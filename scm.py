@@ -89,6 +89,7 @@ class Config:
     compile: bool = False
     bench: bool = False
     bench_data: str = "glyphs16"   # --bench times the steps on this data's backbone (the DiT trunk for images)
+    bench_batch: int = 64          # ... at this global batch
 
 
 def bc(v, like):
@@ -225,7 +226,7 @@ def scm_loss(model, teacher, x0, y, g, warmup_r, cfg):
     target = normalize_tangent(raw, cfg.tangent_c, cfg.tangent_norm)
     mse = (F - F_minus - target).flatten(1).pow(2).mean(1)   # ||.||^2 / D
     loss = (torch.exp(w) * mse - w).mean()                   # adaptive weighting (Alg. 1, App. D)
-    stats = {"loss": float(loss), "mse": float(mse.mean()), "tangent_rms": float(raw.flatten(1).pow(2).mean(1).sqrt().mean()),
+    stats = {"loss": loss.item(), "mse": mse.mean().item(), "tangent_rms": float(raw.flatten(1).pow(2).mean(1).sqrt().mean()),
              "w": float(w.mean()), "r": float(warmup_r)}
     return loss, stats
 
@@ -252,8 +253,8 @@ def check_config(cfg, world_size):
         fail(f"--mode must be scd or sct, got {cfg.mode!r}")
     if cfg.jvp not in ("jvp", "fd") or cfg.tangent_norm not in ("l2", "rms"):
         fail("--jvp must be jvp or fd, and --tangent-norm l2 or rms")
-    if cfg.batch % world_size:
-        fail(f"--batch {cfg.batch} is not divisible by the number of processes {world_size}")
+    if (cfg.bench_batch if cfg.bench else cfg.batch) % world_size:
+        fail(f"--batch / --bench-batch must be divisible by the number of processes {world_size}")
     if cfg.sigma_d <= 0 or cfg.sigma_max <= 0 or cfg.tangent_c < 0 or cfg.p_std <= 0:
         fail("--sigma-d, --sigma-max and --p-std must be positive and --tangent-c non-negative")
     times = [math.atan(cfg.sigma_max / cfg.sigma_d)] + floats(cfg.mid_times)
@@ -272,7 +273,7 @@ def train(cfg):
     times, g_range = check_config(cfg, d.world)
     data = DataSource(cfg.bench_data if cfg.bench else cfg.data, cfg.image_size, seed=cfg.seed)
     prepare_out(cfg)
-    batch = cfg.batch // d.world
+    batch = (cfg.bench_batch if cfg.bench else cfg.batch) // d.world
     # The fitted stand-in for a teacher checkpoint uses the paper's adaptive double normalisation (§4.1);
     # a checkpoint brings its own architecture (train it with `common.py teacher --norm adn`).
     arch = {"hidden": cfg.hidden, "depth": cfg.depth, "norm": "adn", "time_scale": cfg.time_scale}

@@ -3,19 +3,31 @@ All tests. `python test_all.py` runs them (prints `N passed, N failed`, exits no
 `python test_all.py mixture` runs those whose name contains "mixture"; pytest collects the same tests.
 CPU only, a few minutes on 2 cores.
 """
+import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 
 import numpy as np
+import scipy.linalg
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import common
+import dmd2
+import eval_fid
+import freeflow
+import piflow
+import undistill_flux as uf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -338,6 +350,1138 @@ def test_cli_errors_are_one_line_and_nonzero():
         assert r.returncode != 0 and "another config" in r.stderr and "hidden" in r.stderr and "Traceback" not in r.stderr
         r = run([sys.executable, "common.py", "teacher", "--steps", "4", "--out", os.path.join(tmp, "none"), "--resume"])
         assert r.returncode != 0 and "not found" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# eval_fid.py: pytorch-fid's InceptionV3, preprocessing, statistics, Frechet distance, CLI
+
+def fid_cli(args, env_update=None, nproc=1):
+    """Run eval_fid.py (under torchrun when nproc > 1) in a clean environment; returns the CompletedProcess."""
+    repo = os.path.dirname(os.path.abspath(eval_fid.__file__))
+    env = {k: v for k, v in os.environ.items() if k != "FID_WEIGHTS"}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": repo, **(env_update or {})})
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  f"--nproc_per_node={nproc}"]
+    return subprocess.run([*launch, os.path.join(repo, "eval_fid.py"), *args], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def random_spd(dim, rng, floor=0.1):
+    a = rng.normal(size=(dim, dim))
+    return a @ a.T / dim + floor * np.eye(dim)
+
+
+def sqrtm_fid(mu1, s1, mu2, s2):
+    """The textbook formula with scipy's general matrix square root (pytorch-fid's route)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+    return ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real
+
+
+def write_tiny_image_sets(folder, n_png=3, n_ref=4):
+    """A folder of small images (one in a subfolder, one JPEG, a stray text file) and an arr_0 .npz."""
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(folder, "samples", "sub"))
+    for i in range(n_png):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            os.path.join(folder, "samples", "sub" if i == 0 else "", f"{i}.png"))
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(os.path.join(folder, "samples", "x.jpg"))
+    open(os.path.join(folder, "samples", "notes.txt"), "w").write("not an image")
+    ramps = np.linspace(0, 1, 32)[None, None, :, None] * rng.uniform(50, 255, (n_ref, 1, 1, 3))  # NHWC, all different
+    np.savez(os.path.join(folder, "ref.npz"), arr_0=ramps.astype(np.uint8))
+    return os.path.join(folder, "samples"), os.path.join(folder, "ref.npz")
+
+
+def test_fid_inception_state_dict_matches_pytorch_fid_layout():
+    model = eval_fid.inception_model(random_weights=True)
+    sd = model.state_dict()
+    assert len(sd) == 566 and len([k for k in sd if not k.endswith("num_batches_tracked")]) == 472
+    assert sum(p.numel() for p in model.parameters()) == 23_850_960
+    assert sum(p.numel() for n, p in model.named_parameters() if not n.startswith("fc.")) == 21_785_568
+    assert len([k for k in sd if k.endswith(".conv.weight")]) == 94
+    expected = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_2b_3x3.conv.weight": (64, 32, 3, 3),
+                "Conv2d_4a_3x3.conv.weight": (192, 80, 3, 3), "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+                "Mixed_5b.branch1x1.bn.running_mean": (64,), "Mixed_5d.branch5x5_2.conv.weight": (64, 48, 5, 5),
+                "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3), "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
+                "Mixed_6c.branch7x7dbl_2.conv.weight": (160, 160, 7, 1), "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+                "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3), "Mixed_7a.branch7x7x3_4.conv.weight": (192, 192, 3, 3),
+                "Mixed_7b.branch3x3dbl_2.conv.weight": (384, 448, 3, 3), "Mixed_7b.branch1x1.bn.running_var": (320,),
+                "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1), "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
+                "fc.weight": (1008, 2048), "fc.bias": (1008,)}
+    for key, shape in expected.items():
+        assert tuple(sd[key].shape) == shape, f"{key}: {tuple(sd[key].shape)} != {shape}"
+    assert all(m.eps == 1e-3 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not model.training
+    # the grid sizes of the table: 35x35 after Mixed_5d, 17x17 after 6e, 8x8 after 7c, 2048 features
+    shapes = {}
+    for name in ("Mixed_5d", "Mixed_6e", "Mixed_7c"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: shapes.update({name: tuple(o.shape)}))
+    features, logits = model(torch.rand(1, 3, 40, 40), return_logits=True)
+    assert shapes == {"Mixed_5d": (1, 288, 35, 35), "Mixed_6e": (1, 768, 17, 17), "Mixed_7c": (1, 2048, 8, 8)}
+    assert features.shape == (1, 2048) and logits.shape == (1, 1008)
+    assert torch.allclose(logits, model.fc(features))
+    # the TF pooling: average pools ignore the padding (ones stay ones at the border), Mixed_7c max-pools
+    assert torch.equal(eval_fid.tf_avg_pool(torch.ones(1, 1, 5, 5)), torch.ones(1, 1, 5, 5))
+    assert model.Mixed_7c.max_pool and not model.Mixed_7b.max_pool
+
+
+def test_fid_weights_load_without_num_batches_tracked_and_fail_on_missing_key():
+    source = eval_fid.inception_model(random_weights=True)
+    with torch.no_grad():
+        for p in source.parameters():  # distinguishable from any fresh initialisation
+            p.add_(torch.randn_like(p))
+    sd = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "pt_inception.pth")
+        torch.save(sd, path)
+        loaded = eval_fid.inception_model(path).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in sd.items())
+        assert not loaded["fc.weight"].requires_grad
+        # a truncated download is refused with a one-line message
+        with open(path, "rb") as f, open(path + ".part", "wb") as g:
+            g.write(f.read(818_371))
+        try:
+            eval_fid.inception_model(path + ".part")
+            raise AssertionError("a truncated weight file loaded")
+        except SystemExit as e:
+            assert "cannot read" in str(e) and eval_fid.WEIGHTS_URL in str(e)
+    # a real key missing, or a wrong shape, is refused, naming the key
+    for key, broken in (("Mixed_6b.branch7x7_2.bn.running_var", {k: v for k, v in sd.items() if k != "Mixed_6b.branch7x7_2.bn.running_var"}),
+                        ("fc.weight", {**sd, "fc.weight": sd["fc.weight"][:1000]})):
+        try:
+            eval_fid.load_inception_weights(eval_fid.InceptionV3(), broken)
+            raise AssertionError("incomplete weights loaded")
+        except SystemExit as e:
+            assert "\n" not in str(e) and key in str(e), str(e)
+
+
+def test_fid_preprocess_is_pytorch_fid_bilinear_resize():
+    x = torch.rand(2, 3, 17, 23)
+    reference = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+    assert torch.equal(eval_fid.preprocess(x), reference)
+    # one pixel by hand: a 2x2 gray image; source coordinate of output index i is (i + 0.5) * 2 / 299 - 0.5
+    img = torch.tensor([[[[0, 100], [200, 255]]]], dtype=torch.uint8)
+    out = eval_fid.preprocess(img)
+    assert out.shape == (1, 3, 299, 299) and torch.equal(out[:, 0], out[:, 2])  # gray repeated to RGB
+    wy, wx = (149 + 0.5) * 2 / 299 - 0.5, (200 + 0.5) * 2 / 299 - 0.5  # 0.5 and 0.841...
+    top, bottom = (1 - wx) * 0 + wx * 100, (1 - wx) * 200 + wx * 255
+    by_hand = ((1 - wy) * top + wy * bottom) / 255 * 2 - 1
+    assert abs(out[0, 0, 149, 200].item() - by_hand) < 1e-6
+    assert abs(out[0, 0, 0, 0].item() + 1) < 1e-6 and abs(out[0, 0, 298, 298].item() - 1) < 1e-6  # corners: edge pixels
+    assert torch.equal(out, eval_fid.preprocess(img.float() / 255))
+
+
+def test_fid_features_same_for_uint8_float_and_every_layout():
+    model = eval_fid.inception_model(random_weights=True)
+    x = torch.randint(0, 256, (2, 3, 20, 24), dtype=torch.uint8)
+    features = model(x)
+    assert features.shape == (2, 2048) and torch.isfinite(features).all()
+    assert (features[0] - features[1]).abs().max() > 1e-3  # the features do depend on the image
+    assert torch.allclose(model(x.float() / 255), features, atol=1e-6)
+    # the layouts the readers produce: NHWC and grayscale NHW arrays become NCHW batches
+    assert torch.equal(eval_fid.image_batch(x.permute(0, 2, 3, 1).numpy()), x)
+    assert torch.equal(eval_fid.image_batch(x[:, 0].numpy()), x[:, :1])
+    # an NHWC array and image files give the statistics of these features: float64 mean, unbiased covariance
+    f64 = features.double().numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, img in enumerate(x.permute(0, 2, 3, 1).numpy()):
+            Image.fromarray(img).save(os.path.join(tmp, f"{i}.png"))
+        for images in (x.permute(0, 2, 3, 1).numpy(), eval_fid.read_images(tmp)):
+            mu, sigma = eval_fid.feature_stats(images, model, batch=2)
+            assert mu.dtype == np.float64 and mu.shape == (2048,) and sigma.shape == (2048, 2048)
+            assert np.allclose(mu, f64.mean(0), atol=1e-6) and np.allclose(sigma, np.cov(f64, rowvar=False), atol=1e-6)
+
+
+def test_fid_frechet_distance_matches_scipy_and_handles_rank_deficiency():
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for _ in range(3):
+        mu1, mu2, s1, s2 = rng.normal(size=64), rng.normal(size=64), random_spd(64, rng), random_spd(64, rng)
+        worst = max(worst, abs(eval_fid.frechet_distance(mu1, s1, mu2, s2) - sqrtm_fid(mu1, s1, mu2, s2)))
+    assert worst < 1e-9, f"differs from scipy sqrtm by {worst:.2e}"
+    assert abs(eval_fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
+    # a mean shift adds exactly |shift|^2 when the covariances are equal, and FID grows with it otherwise
+    shift = rng.normal(size=64)
+    assert abs(eval_fid.frechet_distance(mu1, s1, mu1 + shift, s1) - (shift ** 2).sum()) < 1e-9
+    grows = [eval_fid.frechet_distance(mu1, s1, mu1 + a * shift, s2) for a in (0, 0.5, 1, 2)]
+    assert all(a < b for a, b in zip(grows, grows[1:]))
+    # 10 samples in 256-d: rank-9 covariances. Exact reference: tr((S1^1/2 S2 S1^1/2)^1/2) is the nuclear
+    # norm of B A^T when S1 = A^T A and S2 = B^T B (A, B the centred samples / sqrt(n - 1))
+    x, y = rng.normal(size=(10, 256)), rng.normal(size=(10, 256)) + 0.3
+    a, b = (x - x.mean(0)) / 3, (y - y.mean(0)) / 3
+    sx, sy = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    exact = ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(sx) + np.trace(sy) - 2 * np.linalg.svd(b @ a.T, compute_uv=False).sum()
+    fd = eval_fid.frechet_distance(x.mean(0), sx, y.mean(0), sy)
+    assert np.isfinite(fd) and abs(fd - exact) < 1e-9 * exact, (fd, exact)
+    assert abs(eval_fid.frechet_distance(x.mean(0), sx, x.mean(0), sx)) < 1e-9 * np.trace(sx)
+
+
+def test_fid_cli_end_to_end_with_random_weights():
+    with tempfile.TemporaryDirectory() as tmp:
+        samples, ref = write_tiny_image_sets(tmp)
+        stats = os.path.join(tmp, "samples_stats.npz")
+        out = fid_cli([samples, "--ref", ref, "--random-weights", "--save-stats", stats, "--batch", "3"])
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "MEANINGLESS" in out.stderr
+        fid_printed = float(re.search(r"FID \(.*\): (\S+)", out.stdout).group(1))
+        assert np.isfinite(fid_printed) and fid_printed > 0
+        assert sorted(os.listdir(tmp)) == ["ref.npz", "samples", "samples_stats.npz"]  # no temp file left behind
+        # the saved statistics are those of the four images (a PNG in a subfolder and a JPEG included)
+        mu, sigma = eval_fid.feature_stats(eval_fid.read_images(samples), eval_fid.inception_model(random_weights=True))
+        mu_saved, sigma_saved = eval_fid.load_stats(stats)
+        assert mu_saved.shape == (2048,) and sigma_saved.shape == (2048, 2048)
+        assert np.allclose(mu_saved, mu, atol=1e-5) and np.allclose(sigma_saved, sigma, atol=1e-5)
+        eval_fid.save_stats(stats, mu, sigma)  # exact round trip in process
+        assert all(np.array_equal(a, b) for a, b in zip(eval_fid.load_stats(stats), (mu, sigma)))
+
+
+def test_fid_cli_stats_need_no_weights_and_errors_are_one_line():
+    rng = np.random.default_rng(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        samples, ref = write_tiny_image_sets(tmp)
+        stats = [os.path.join(tmp, f"{name}.npz") for name in ("a", "b")]
+        mu_sigma = [(rng.normal(size=64), random_spd(64, rng)) for _ in stats]
+        for path, (mu, sigma) in zip(stats, mu_sigma):
+            eval_fid.save_stats(path, mu, sigma)
+        out = fid_cli([stats[0], "--ref", stats[1]])  # no --weights, no FID_WEIGHTS: statistics need no network
+        assert out.returncode == 0, out.stderr
+        assert f"FID (pytorch-fid InceptionV3 weights and preprocessing): {eval_fid.frechet_distance(*mu_sigma[0], *mu_sigma[1]):.4f}" in out.stdout
+        # a weight file that is not there (here given by $FID_WEIGHTS), or a missing input
+        for args, env, words in (([samples, "--ref", ref], {"FID_WEIGHTS": os.path.join(tmp, "none.pth")}, ["none.pth", eval_fid.WEIGHTS_URL]),
+                                 ([os.path.join(tmp, "missing"), "--ref", ref], None, ["missing", "does not exist"])):
+            out = fid_cli(args, env)
+            lines = out.stderr.strip().splitlines()
+            assert out.returncode != 0 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+            assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_fid_of_samples_quantizes_like_saved_pngs():
+    source = eval_fid.inception_model(random_weights=True)
+    samples = torch.rand(3, 3, 16, 16) * 2.2 - 1.1  # a little outside [-1, 1], clipped like a PNG writer
+    as_png = ((samples + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, ref = os.path.join(tmp, "w.pth"), os.path.join(tmp, "ref.npz")
+        torch.save(source.state_dict(), weights)
+        eval_fid.save_stats(ref, *eval_fid.feature_stats(as_png, source))
+        fid = eval_fid.fid_of_samples(samples, ref, weights, batch=2, device="cpu")
+        assert abs(fid) < 1e-6, f"samples differ from their own PNGs by FID {fid}"
+
+
+def test_fid_statistics_shard_over_torchrun_ranks():
+    with tempfile.TemporaryDirectory() as tmp:
+        _, ref = write_tiny_image_sets(tmp, n_ref=5)  # 5 images: ranks get 3 and 2
+        stats = os.path.join(tmp, "sharded.npz")
+        out = fid_cli([ref, "--save-stats", stats, "--random-weights", "--batch", "2"], nproc=2)
+        assert out.returncode == 0, out.stderr[-2000:]
+        mu, sigma = eval_fid.feature_stats(eval_fid.read_images(ref), eval_fid.inception_model(random_weights=True))
+        mu_sharded, sigma_sharded = eval_fid.load_stats(stats)
+        assert np.allclose(mu_sharded, mu, atol=1e-5) and np.allclose(sigma_sharded, sigma, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# freeflow.py
+
+
+
+class ExactMapOfOneGaussian(torch.nn.Module):
+    """The closed-form flow map from the prior for data N(mu, s0^2 I), in the student's parametrisation:
+    x_t = (1 - t) mu + sigma(t) z with sigma(t) = sqrt((1 - t)^2 s0^2 + t^2), so
+    f(z, delta) = delta mu + sigma(1 - delta) z and F = (z - f) / delta."""
+
+    def __init__(self, mu, s0):
+        super().__init__()
+        self.mu, self.s0 = mu, s0
+
+    def forward(self, x, t, y=None, s=None, g=None):
+        d = s.view(-1, 1)
+        f = d * self.mu + torch.sqrt(d ** 2 * self.s0 ** 2 + (1 - d) ** 2) * x
+        return (x - f) / d
+
+
+def test_freeflow_exact_flow_map_has_zero_prediction_residual():
+    mu, s0 = torch.tensor([[1.5, -0.5, 0.25]], dtype=torch.float64), 0.3
+    world = common.GaussianMixture([1.0], mu, [s0])
+    z = torch.randn(512, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    delta = torch.cat([torch.linspace(0.01, 1.0, 256, dtype=torch.float64)] * 2)  # every delta, up to the full jump
+    ones = torch.ones(512, dtype=torch.float64)
+    residual = freeflow.prediction_residual(ExactMapOfOneGaussian(mu, s0), world, z, delta, None, ones)
+    assert residual.abs().max() < 1e-9, f"exact map leaves residual {residual.abs().max():.2e}"
+    # the exact map also lands where an accurate ODE solve from the same noise lands
+    ode, _ = common.reference_ode(world.velocity, z[:8], t_to=0.0)
+    one_step = freeflow.one_step_sample(ExactMapOfOneGaussian(mu, s0), z[:8], None, ones[:8])
+    assert (one_step - ode).abs().max() < 1e-6
+    # and the residual is not blind: a map to a slightly wrong mean, or a wrong spread, is caught
+    for wrong in (ExactMapOfOneGaussian(mu + 0.05, s0), ExactMapOfOneGaussian(mu, s0 * 1.1)):
+        residual = freeflow.prediction_residual(wrong, world, z, delta, None, ones)
+        assert residual.pow(2).mean().sqrt() > 1e-2
+
+
+def test_freeflow_delta_jvp_matches_float64_central_difference():
+    torch.manual_seed(0)
+    for shape in ((2,), (1, 8, 8)):
+        kwargs = {"heads": 2} if len(shape) == 3 else {}
+        net = common.new_backbone(shape, 3, hidden=32, depth=2, use_s=True, use_g=True, s_scale=1.0, **kwargs)
+        with torch.no_grad():
+            for p in net.parameters():  # zero-initialised gates would make the derivative trivially 0
+                p.normal_(0, 0.1)
+        net = net.double().eval()
+        z, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 4, (6,))
+        delta, gamma = torch.rand(6, dtype=torch.float64), 1 + 2 * torch.rand(6, dtype=torch.float64)
+        F, dF = freeflow.velocity_and_delta_derivative(net, z, delta, y, gamma)
+        h = 1e-6
+        with torch.no_grad():
+            fd = (freeflow.average_velocity(net, z, delta + h, y, gamma)
+                  - freeflow.average_velocity(net, z, delta - h, y, gamma)) / (2 * h)
+        assert (F - freeflow.average_velocity(net, z, delta, y, gamma)).abs().max() < 1e-12
+        err = float((dF - fd).abs().max() / fd.abs().max())
+        assert fd.abs().max() > 1e-3 and err < 1e-6, f"{shape}: JVP relative error {err}"
+
+
+class AffineStudent(torch.nn.Module):
+    """F(z, delta) = a z + b, so the one-step samples x = z - F(z, 1) are N(-b, (1 - a)^2 I)."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(a, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.tensor(b, dtype=torch.float64))
+
+    def forward(self, x, t, y=None, s=None, g=None):
+        return self.a * x + self.b
+
+    def distribution(self):
+        return -self.b.detach(), float((1 - self.a).abs())
+
+
+def gaussian_kl(m_q, s_q, m_p, s_p):
+    d = len(m_q)
+    return float(d * (math.log(s_p / s_q) + s_q ** 2 / (2 * s_p ** 2) - 0.5) + (m_q - m_p).pow(2).sum() / (2 * s_p ** 2))
+
+
+def test_freeflow_correction_gradient_moves_one_step_samples_toward_the_data():
+    """Sign check of the Eq. 11 conversion: with exact velocities for the data (teacher) and for the
+    student's own noised samples (the online network's target), one descent step on the correction
+    loss lowers KL(student || data), moving the mean toward the data mean and the spread toward its spread."""
+    m_p, s_p = torch.tensor([1.0, -0.5], dtype=torch.float64), 0.5
+    data = common.GaussianMixture([1.0], m_p[None], [s_p])
+    cfg = freeflow.Config(objective="correction")
+    for a, b in ((0.2, [0.3, 0.3]), (0.7, [-1.5, 0.0])):  # student too wide / too narrow
+        torch.manual_seed(0)
+        student = AffineStudent(a, b)
+        m_q, s_q = student.distribution()
+        own = common.GaussianMixture([1.0], m_q[None], [s_q])  # exact velocity of the student's noised samples
+        z = torch.randn(20000, 2, dtype=torch.float64)
+        ones = torch.ones(20000, dtype=torch.float64)
+        loss, _ = freeflow.freeflow_loss(student, data, lambda x, t, y, g: own.velocity(x, t), z, None, ones, cfg)
+        loss.backward()
+        with torch.no_grad():
+            for p in student.parameters():
+                p -= 0.2 * p.grad / p.grad.norm()
+        m_new, s_new = student.distribution()
+        assert gaussian_kl(m_new, s_new, m_p, s_p) < gaussian_kl(m_q, s_q, m_p, s_p) - 1e-3
+        assert float((m_new - m_q) @ (m_p - m_q)) > 0
+        assert abs(s_new - s_p) < abs(s_q - s_p)
+
+
+def quick_teacher_fit(tmp):
+    """common.fit_to_world with a short fit and a private cache (the fit's quality does not matter here)."""
+    full = common.fit_to_world
+    return full, lambda world, arch_kwargs=None, device="cpu", **kw: full(world, arch_kwargs, steps=200, device=device,
+                                                                           cache_dir=os.path.join(tmp, "cache"))
+
+
+def small_freeflow_config(out, **kw):
+    return freeflow.Config(**{"out": out, "hidden": 32, "depth": 2, "batch": 128, "steps": 60, "lr": 1e-3, "fake_lr": 1e-3,
+                              "log_every": 20, "ckpt_every": 60, "eval_samples": 300, "device": "cpu", **kw})
+
+
+def test_freeflow_training_never_touches_data():
+    """The loop takes noise and labels only: from the moment the teacher exists until evaluation,
+    drawing a data batch or a sample of the world raises."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("FreeFlow training drew a data sample")
+
+    saved = (common.DataSource.next_batch, common.GaussianMixture.sample, common.fit_to_world,
+             freeflow.teacher_for, freeflow.evaluate)
+    calls = []
+
+    def arm(*args, **kwargs):
+        out = saved[3](*args, **kwargs)
+        common.DataSource.next_batch = common.GaussianMixture.sample = forbidden
+        return out
+
+    def disarm_then_evaluate(*args, **kwargs):
+        common.DataSource.next_batch, common.GaussianMixture.sample = saved[0], saved[1]
+        calls.append("evaluate")
+        return saved[4](*args, **kwargs)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _, common.fit_to_world = quick_teacher_fit(tmp)
+        freeflow.teacher_for, freeflow.evaluate = arm, disarm_then_evaluate
+        try:
+            freeflow.train(small_freeflow_config(os.path.join(tmp, "run"), steps=20))
+        finally:
+            (common.DataSource.next_batch, common.GaussianMixture.sample, common.fit_to_world,
+             freeflow.teacher_for, freeflow.evaluate) = saved
+        assert calls == ["evaluate"]
+        assert os.path.isfile(os.path.join(tmp, "run", "metrics.json"))
+
+
+def test_freeflow_short_run_lowers_prediction_residual_and_resumes_exactly():
+    with tempfile.TemporaryDirectory() as tmp:
+        full, common.fit_to_world = quick_teacher_fit(tmp)
+        try:
+            ema = freeflow.train(small_freeflow_config(os.path.join(tmp, "run"), steps=80, ckpt_every=40))
+            teacher_net = common.fit_to_world(common.make_world("checkerboard"), {"hidden": 32, "depth": 2})
+            # resume: 40 steps, then 40 more, equals 80 straight
+            freeflow.train(small_freeflow_config(os.path.join(tmp, "half"), steps=40, ckpt_every=40))
+            freeflow.train(small_freeflow_config(os.path.join(tmp, "half"), steps=80, ckpt_every=40, resume=True))
+        finally:
+            common.fit_to_world = full
+        ckpt = torch.load(os.path.join(tmp, "run", "ckpt.pt"), weights_only=True)
+        half = torch.load(os.path.join(tmp, "half", "ckpt.pt"), weights_only=True)
+        for name in ("model", "ema", "fake"):
+            for k, v in ckpt[name].items():
+                assert torch.equal(v, half[name][k]), f"resume differs in {name}.{k}"
+        world = common.make_world("checkerboard")
+        start = common.build_backbone(ckpt["backbone"])
+        common.init_from_teacher(start, teacher_net)
+        trained = common.build_backbone(ckpt["backbone"])
+        trained.load_state_dict(ckpt["model"])
+        g = torch.Generator().manual_seed(0)
+        z, delta, ones = torch.randn(2000, 2, generator=g), torch.rand(2000, generator=g), torch.ones(2000)
+        before = float(freeflow.prediction_residual(start, world, z, delta, None, ones).pow(2).mean())
+        after = float(freeflow.prediction_residual(trained, world, z, delta, None, ones).pow(2).mean())
+        assert after < 0.5 * before, (before, after)
+        x = freeflow.one_step_sample(ema, z, None, ones)
+        assert torch.isfinite(x).all() and x.abs().max() < 10
+        rows = json.load(open(os.path.join(tmp, "run", "metrics.json")))["results"]
+        student = [r for r in rows if r["sampler"] == "student"][0]
+        assert student["nfe"] == 1 and math.isfinite(student["swd"]) and "ode_err" in student
+
+
+def test_freeflow_torchrun_two_processes_class_conditional_learned_teacher():
+    """DDP smoke run on a class-conditional mixture (CFG scale as a student input) with a learned
+    teacher checkpoint: both ranks train, rank 0 alone writes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        world = small_labelled_world(dim=2)
+        np.savez(os.path.join(tmp, "mix.npz"), weights=world.weights.numpy(), means=world.means.numpy(),
+                 stds=world.stds.numpy(), labels=world.labels.numpy())
+        net = common.new_backbone(world.shape, world.num_classes, hidden=32, depth=2)
+        common.save_checkpoint(os.path.join(tmp, "teacher.pt"), {"backbone": net._spec, "ema": net.state_dict()})
+        out = os.path.join(tmp, "run")
+        r = torchrun(["freeflow.py", "--data", os.path.join(tmp, "mix.npz"), "--teacher", os.path.join(tmp, "teacher.pt"),
+                      "--steps", "20", "--batch", "64", "--eval-samples", "300", "--guidance", "2", "--out", out,
+                      "--log-every", "10"])
+        assert r.returncode == 0, r.stderr[-2000:]
+        metrics = json.load(open(os.path.join(out, "metrics.json")))
+        assert metrics["steps"] == 20 and metrics["guidance"] == 2 and metrics["teacher"] == "learned"
+        student = [row for row in metrics["results"] if row["sampler"] == "student"][0]
+        assert "cond_acc" in student and math.isfinite(student["swd"])
+        assert len(open(os.path.join(out, "log.jsonl")).read().splitlines()) == 2  # rank 0 alone logs
+        assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl", "metrics.json", "samples.png"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# dmd2.py
+
+
+
+
+def gaussian_velocity(m, s):
+    """Exact rectified-flow velocity of the data N(m, s^2 I), written out independently of common.py:
+    x_t | x0-law ~ N((1 - t) m, v I), v = (1 - t)^2 s^2 + t^2, E[x0|x_t] = m + (1 - t) s^2 / v (x_t - (1 - t) m),
+    E[eps|x_t] = t / v (x_t - (1 - t) m), u = E[eps] - E[x0]."""
+    def velocity(x, t, y=None, cfg=1.0):
+        tb = t.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+        v = (1 - tb) ** 2 * s ** 2 + tb ** 2
+        r = x - (1 - tb) * m
+        return tb / v * r - (m + (1 - tb) * s ** 2 / v * r)
+    return velocity
+
+
+class IsotropicGaussianGenerator(torch.nn.Module):
+    """x = m + s z: the generator's distribution is N(m, s^2 I), known in closed form."""
+
+    def __init__(self, m, s):
+        super().__init__()
+        self.m = torch.nn.Parameter(torch.tensor(m, dtype=torch.float64))
+        self.s = torch.nn.Parameter(torch.tensor(s, dtype=torch.float64))
+
+    def forward(self, z):
+        return self.m + self.s * z
+
+
+def dmd2_gaussian_kl(m_q, s_q, m_p, s_p):
+    d = len(m_q)
+    return float(d * (math.log(s_p / s_q) + s_q ** 2 / (2 * s_p ** 2) - 0.5) + (m_q - m_p).pow(2).sum() / (2 * s_p ** 2))
+
+
+def test_dmd2_dm_gradient_points_to_the_data_and_vanishes_when_matched():
+    """Exact real score (the data N(m_p, s_p^2), through common.GaussianMixture) and exact fake score (the
+    generator's own N(m_q, s_q^2), an independent closed form): the DM gradient moves the generator's
+    mean toward the data mean and its spread toward the data spread, one step lowers KL(q || p), and the
+    gradient is zero (to float precision) once q = p. (With both mean and spread off, the per-sample
+    normaliser of Eq. 8 down-weights the samples far from the data, so the spread component alone is not
+    the KL gradient's; only the mean direction and the KL decrease are asserted there.)"""
+    cfg = dmd2.Config()
+    for m_p, s_p in ((torch.tensor([0.7], dtype=torch.float64), 0.4),
+                     (torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64), 0.5)):
+        data = common.GaussianMixture([1.0], m_p[None], [s_p])
+        D = len(m_p)
+        for m_q, s_q in ((m_p - 0.8, s_p), (m_p, 0.9), (m_p, 0.2), (m_p + 0.5, 0.2), (m_p - 0.8, 0.9), (m_p, s_p)):
+            torch.manual_seed(0)
+            gen = IsotropicGaussianGenerator(m_q.tolist(), s_q)
+            fake = gaussian_velocity(gen.m.detach(), gen.s.detach())
+            z = torch.randn(40000, D, dtype=torch.float64)
+            dmd2.distribution_matching_loss(gen(z), None, data, fake, cfg).backward()
+            g_m, g_s = gen.m.grad, float(gen.s.grad)
+            size = float(torch.cat([g_m, gen.s.grad[None]]).norm())
+            if s_q == s_p and torch.equal(m_q, m_p):
+                assert size < 1e-9, f"matched distributions leave a DM gradient {size}"
+                continue
+            if not torch.equal(m_q, m_p):
+                cos = float(-g_m @ (m_p - m_q) / (g_m.norm() * (m_p - m_q).norm()))
+                assert cos > 0.95, f"mean update not toward the data (cos {cos})"
+            else:  # only the spread is off: the update changes the spread alone, toward s_p
+                assert g_m.norm() < 0.05 * abs(g_s) and (s_q > s_p) == (g_s > 0), (s_q, s_p, g_s)
+            step = 0.05 / size
+            m_new, s_new = m_q - step * g_m, s_q - step * g_s
+            assert dmd2_gaussian_kl(m_new, s_new, m_p, s_p) < dmd2_gaussian_kl(m_q, s_q, m_p, s_p) - 1e-4
+
+
+def dmd2_tiny_parts(shape=(2,), classes=3, gan=True):
+    torch.manual_seed(0)
+    kwargs = {"heads": 2} if len(shape) == 3 else {}
+    teacher_net = common.new_backbone(shape, classes, hidden=32, depth=2, **kwargs)
+    with torch.no_grad():  # zero-initialised gates would make every network output a constant
+        for p in teacher_net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    generator = common.build_backbone(teacher_net._spec)
+    common.init_from_teacher(generator, teacher_net)
+    score = common.build_backbone(teacher_net._spec)
+    common.init_from_teacher(score, teacher_net)
+    return common.NetTeacher(teacher_net), generator, dmd2.Critic(score, gan=gan)
+
+
+def test_dmd2_gan_head_shapes_and_where_its_gradient_goes():
+    for shape in ((2,), (1, 8, 8)):
+        _, _, critic = dmd2_tiny_parts(shape)
+        x, t, y = torch.randn(5, *shape), torch.rand(5), torch.randint(0, 3, (5,))
+        assert critic(x, t, y).shape == x.shape  # the fake score: a velocity
+        logits = critic(x, t, y, classify=True)
+        assert logits.shape == (5,) and logits.dtype == torch.float32
+        assert dmd2.gan_logits(critic, x, y).shape == (5,)
+        logits.sum().backward()  # the head trains the fake score's trunk up to the bottleneck, not its output layer
+        assert critic.score.inp.weight.grad.abs().sum() > 0 and critic.head.net[0].weight.grad.abs().sum() > 0
+        assert critic.score.out.weight.grad is None
+    _, _, no_gan = dmd2_tiny_parts(gan=False)
+    assert no_gan.head is None
+
+
+def test_dmd2_generator_turn_leaves_the_critic_untouched():
+    """During the generator's turn the critic (fake score and GAN head) gets no gradient and no update,
+    while the GAN term does reach the generator through the frozen critic."""
+    teacher, generator, critic = dmd2_tiny_parts()
+    before = {k: v.clone() for k, v in critic.state_dict().items()}
+    z, y = torch.randn(64, 2), torch.randint(0, 3, (64,))
+    x_in, t = dmd2.training_inputs(generator, z, y, [1.0], 0)
+    grads = {}
+    for gan_g in (0.0, 1.0):
+        g = copy.deepcopy(generator)
+        opt = torch.optim.AdamW(g.parameters(), lr=1e-3)
+        torch.manual_seed(1)
+        x, stats = dmd2.generator_turn(g, critic, opt, x_in, t, y, teacher, dmd2.Config(gan_g=gan_g), 0)
+        assert not x.requires_grad and ("g_gan_loss" in stats) == (gan_g > 0)
+        assert all(p.grad is None for p in critic.parameters())
+        assert all(p.requires_grad for p in critic.parameters())  # unfrozen again for its own turn
+        assert all(torch.equal(v, before[k]) for k, v in critic.state_dict().items())
+        assert any(not torch.equal(a, b) for a, b in zip(g.parameters(), generator.parameters()))
+        grads[gan_g] = torch.cat([p.grad.flatten() for p in g.parameters()])
+    assert not torch.allclose(grads[0.0], grads[1.0])
+
+
+def test_dmd2_backward_simulation_runs_without_gradient_and_only_the_last_step_has_one():
+    _, generator, _ = dmd2_tiny_parts()
+    calls = []
+    generator.register_forward_hook(lambda m, args, out: calls.append((torch.is_grad_enabled(), float(args[1][0]))))
+    times = dmd2.generator_times(4)
+    assert times == [1.0, 0.75, 0.5, 0.25]
+    z, y = torch.randn(32, 2), torch.randint(0, 3, (32,))
+    x_in, t = dmd2.training_inputs(generator, z, y, times, 2)
+    x = dmd2.generate(generator, x_in, t, y)
+    assert calls == [(False, 1.0), (False, 0.75), (True, 0.5)], calls
+    assert not x_in.requires_grad and x.requires_grad and torch.all(t == 0.5)
+    x.sum().backward()
+    assert all(p.grad is not None for p in generator.parameters() if p.requires_grad)
+    # k = 0 is the batch noise itself at t = 1; the simulation's own noise is fresh (differs per call)
+    calls.clear()
+    x0_in, t0 = dmd2.training_inputs(generator, z, y, times, 0)
+    assert torch.equal(x0_in, z) and torch.all(t0 == 1) and calls == []
+    again, _ = dmd2.training_inputs(generator, z, y, times, 2)
+    assert not torch.allclose(again, x_in)
+    # ablation: real data forward-noised to a schedule time per sample, no generator call
+    x_real = torch.randn(32, 2)
+    k_each = torch.arange(32) % 4
+    x_ab, t_ab = dmd2.training_inputs(None, z, y, times, None, real=(x_real, k_each))
+    assert torch.equal(t_ab, torch.tensor(times)[k_each]) and torch.allclose(x_ab, (1 - t_ab[:, None]) * x_real + t_ab[:, None] * z)
+
+
+def dmd2_quick_fit(tmp):
+    """common.fit_to_world with a short fit and a private cache (the fit's quality does not matter here)."""
+    full = common.fit_to_world
+    return full, lambda world, arch_kwargs=None, device="cpu", **kw: full(world, arch_kwargs, steps=200, device=device,
+                                                                           cache_dir=os.path.join(tmp, "cache"))
+
+
+def small_dmd2_config(out, **kw):
+    return dmd2.Config(**{"out": out, "hidden": 32, "depth": 2, "batch": 128, "steps": 60, "lr": 3e-4, "ttur": 5,
+                          "log_every": 20, "ckpt_every": 30, "eval_samples": 300, "device": "cpu", **kw})
+
+
+def test_dmd2_short_run_ttur_counts_fake_score_learns_and_resumes_exactly():
+    with tempfile.TemporaryDirectory() as tmp:
+        full, common.fit_to_world = dmd2_quick_fit(tmp)
+        try:
+            dmd2.train(small_dmd2_config(os.path.join(tmp, "run")))
+            teacher_net = common.fit_to_world(common.make_world("checkerboard"), {"hidden": 32, "depth": 2})
+            dmd2.train(small_dmd2_config(os.path.join(tmp, "half"), steps=30))  # 30 steps, then resume to 60
+            dmd2.train(small_dmd2_config(os.path.join(tmp, "half"), resume=True))
+        finally:
+            common.fit_to_world = full
+        ckpt = torch.load(os.path.join(tmp, "run", "ckpt.pt"), weights_only=True)
+        half = torch.load(os.path.join(tmp, "half", "ckpt.pt"), weights_only=True)
+        for name in ("model", "fake"):
+            for k, v in ckpt[name].items():
+                assert torch.equal(v, half[name][k]), f"resume differs in {name}.{k}"
+        # TTUR: 60 critic updates, a generator update at iterations 0, 5, ..., 55
+        assert {int(s["step"]) for s in ckpt["opt"]["state"].values()} == {12}
+        assert {int(s["step"]) for s in ckpt["fake_opt"]["state"].values()} == {60}
+        # the fake score has moved from the teacher toward the generator's distribution: its denoising loss
+        # on the trained generator's samples (same noise and times) is lower than the teacher copy's
+        generator = common.build_backbone(ckpt["backbone"])
+        generator.load_state_dict(ckpt["model"])
+        trained = dmd2.Critic(common.build_backbone(ckpt["backbone"]), gan=True)
+        trained.load_state_dict(ckpt["fake"])
+        g = torch.Generator().manual_seed(0)
+        x = dmd2.multistep_sample(generator, torch.randn(4000, 2, generator=g), None, [1.0])
+        assert torch.isfinite(x).all() and x.abs().max() < 10
+        t, eps = torch.rand(4000, generator=g), torch.randn(4000, 2, generator=g)
+        x_t, target = (1 - t[:, None]) * x + t[:, None] * eps, eps - x
+        with torch.no_grad():
+            loss_trained = float((trained(x_t, t) - target).pow(2).mean())
+            loss_teacher = float((teacher_net(x_t, t) - target).pow(2).mean())
+        assert loss_trained < 0.95 * loss_teacher, (loss_trained, loss_teacher)
+        log = [json.loads(line) for line in open(os.path.join(tmp, "run", "log.jsonl"))]
+        assert [r["step"] for r in log] == [20, 40, 60] and {"dm_loss", "g_gan_loss", "d_gan_loss", "fake_loss"} <= set(log[0])
+        rows = json.load(open(os.path.join(tmp, "run", "metrics.json")))["results"]
+        student = [r for r in rows if r["sampler"] == "student"]
+        assert [r["nfe"] for r in student] == [1] and math.isfinite(student[0]["swd"]) and "ode_err" not in student[0]
+
+
+def test_dmd2_bad_flags_fail_before_writing():
+    with tempfile.TemporaryDirectory() as tmp:
+        for kw in ({"guidance": 2.0}, {"ttur": 0}, {"dm_t_min": 0.5, "dm_t_max": 0.4}, {"fid_ref": "ref.npz"}):
+            try:
+                dmd2.train(small_dmd2_config(os.path.join(tmp, "run"), **kw))
+            except SystemExit as e:
+                assert str(e).startswith("error: ") and "\n" not in str(e)
+            else:
+                raise AssertionError(f"{kw} was accepted")
+        assert not os.path.exists(os.path.join(tmp, "run"))
+
+
+def test_dmd2_torchrun_two_processes_multistep_gan_cfg_learned_teacher():
+    """DDP smoke run: a class-conditional mixture, a learned teacher checkpoint, CFG on the real score,
+    a 2-step generator with backward simulation and the GAN head; rank 0 alone writes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        world = small_labelled_world(dim=2)
+        np.savez(os.path.join(tmp, "mix.npz"), weights=world.weights.numpy(), means=world.means.numpy(),
+                 stds=world.stds.numpy(), labels=world.labels.numpy())
+        net = common.new_backbone(world.shape, world.num_classes, hidden=32, depth=2)
+        common.save_checkpoint(os.path.join(tmp, "teacher.pt"), {"backbone": net._spec, "ema": net.state_dict()})
+        out = os.path.join(tmp, "run")
+        r = torchrun(["dmd2.py", "--data", os.path.join(tmp, "mix.npz"), "--teacher", os.path.join(tmp, "teacher.pt"),
+                      "--steps", "20", "--batch", "64", "--eval-samples", "300", "--guidance", "2", "--steps-gen", "2",
+                      "--out", out, "--log-every", "10"])
+        assert r.returncode == 0, r.stderr[-2000:]
+        metrics = json.load(open(os.path.join(out, "metrics.json")))
+        assert metrics["steps"] == 20 and metrics["guidance"] == 2 and metrics["teacher"] == "learned"
+        student = [row for row in metrics["results"] if row["sampler"] == "student"]
+        assert [row["nfe"] for row in student] == [1, 2] and all("cond_acc" in row for row in student)
+        assert len(open(os.path.join(out, "log.jsonl")).read().splitlines()) == 2  # rank 0 alone logs
+        assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl", "metrics.json", "samples.png"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# piflow.py
+
+
+
+def shared_std_world(k=5, dim=3, std=0.4, seed=0):
+    """A Gaussian-mixture world whose components share one std: its posterior p(x0 | x_s) is exactly a
+    GM with one shared variance, i.e. exactly what the GM policy can hold."""
+    rng = np.random.default_rng(seed)
+    return common.GaussianMixture(rng.uniform(0.5, 1.5, k), rng.normal(size=(k, dim)), np.full(k, std))
+
+
+def exact_gm_outputs(world, x_s, sigma_s):
+    """The GM policy's network outputs (u-space means, log-weights, log-std) that encode the exact
+    posterior of a shared-std world at (x_s, sigma_s): component k has posterior variance
+    v = (1/s^2 + a^2/sigma^2)^-1, mean v (mu_k / s^2 + a x_s / sigma^2), weight = responsibility."""
+    s2, a = float(world.stds[0]) ** 2, 1 - sigma_s
+    v = 1 / (1 / s2 + (a / sigma_s) ** 2)
+    m = v[:, None, None] * (world.means.to(x_s)[None] / s2 + (a / sigma_s ** 2)[:, None, None] * x_s[:, None])
+    means_u = (x_s[:, None] - m) / sigma_s[:, None, None]
+    return means_u, world.posterior(x_s, sigma_s).log()[:, :, None], 0.5 * torch.log(v) - torch.log(sigma_s)
+
+
+class ExactGMStudent(torch.nn.Module):
+    """A 'student' that outputs the exact posterior at every segment start (what pi-ID aims at)."""
+
+    def __init__(self, world):
+        super().__init__()
+        self.world = world
+
+    def forward(self, x, sigma, y=None):
+        return exact_gm_outputs(self.world, x, sigma)
+
+
+def test_piflow_gm_transport_equals_the_analytic_teacher():
+    """Holding the exact posterior at (x_s, sigma_s), the GM policy's closed-form velocity at any later
+    (x, sigma) is the world's exact velocity (reference §1a / §7), from sigma_s down to 1e-3."""
+    world = shared_std_world()
+    g = torch.Generator().manual_seed(0)
+    x_s = torch.randn(256, 3, generator=g, dtype=torch.float64) * 1.3
+    sigma_s = torch.rand(256, generator=g, dtype=torch.float64) * 0.6 + 0.4
+    sigma_s[:32] = 1.0  # the 1-NFE segment start (a = 0: the posterior is the prior)
+    outputs = exact_gm_outputs(world, x_s, sigma_s)
+    policy = piflow.GMPolicy(*outputs, x_s, sigma_s)
+    for frac in (1.0, 0.7, 0.3, 0.05, 0.001):
+        sigma = sigma_s * frac
+        x = torch.randn(256, 3, generator=g, dtype=torch.float64) * 1.5
+        err = (policy.velocity(x, sigma) - world.velocity(x, sigma)).abs().max()
+        assert err < 1e-8, f"sigma = {frac} sigma_s: policy velocity off by {err:.2e}"
+    # not blind: a wrong shared std, or wrong weights, move the velocity away from the teacher's
+    for wrong in (piflow.GMPolicy(outputs[0], outputs[1], outputs[2] + 0.3, x_s, sigma_s),
+                  piflow.GMPolicy(outputs[0], outputs[1].flip(1), outputs[2], x_s, sigma_s)):
+        x, sigma = torch.randn(256, 3, generator=g, dtype=torch.float64), sigma_s * 0.3
+        assert (wrong.velocity(x, sigma) - world.velocity(x, sigma)).abs().max() > 1e-2
+
+
+def test_piflow_exact_policy_sampler_reproduces_teacher_euler_at_1_and_4_nfe():
+    """With the exact posterior as the student's output, the k-NFE policy sampler (shift 1, 128
+    substeps) is the teacher's 128-step Euler sampler: same grid, same velocities."""
+    world = shared_std_world(dim=2)
+    z = torch.randn(200, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    euler = common.euler_sample(world.velocity, z, 128)
+    cfg = piflow.Config()
+    for nfe in (1, 4):
+        x = piflow.sample(ExactGMStudent(world), z, None, nfe, cfg)
+        assert (x - euler).abs().max() < 1e-8, f"{nfe} NFE differs from 128-step Euler by {(x - euler).abs().max():.2e}"
+
+
+def random_gm_policy(shape, k=6, batch=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    means_u = torch.randn(batch, k, *shape, generator=g, dtype=torch.float64)
+    logweights = torch.randn(batch, k, 1, *shape[1:], generator=g, dtype=torch.float64)
+    logstd = torch.randn(batch, generator=g, dtype=torch.float64) * 0.3 - 1
+    x_s = torch.randn(batch, *shape, generator=g, dtype=torch.float64)
+    sigma_s = torch.rand(batch, generator=g, dtype=torch.float64) * 0.5 + 0.5
+    return piflow.GMPolicy(means_u, logweights, logstd, x_s, sigma_s), means_u, logweights
+
+
+def test_piflow_gm_start_velocity_temperature_and_dropout():
+    for shape in ((3,), (2, 4, 4)):  # a vector (one pixel) and an image (per-pixel weights)
+        policy, means_u, logweights = random_gm_policy(shape)
+        # at its own start point the policy velocity is the mixture mean's velocity sum_k A_k mu_k
+        mixture_mean = (torch.softmax(logweights, 1) * means_u).sum(1)
+        assert (policy.velocity(policy.x_s, policy.sigma_s) - mixture_mean).abs().max() < 1e-10
+        x, sigma = torch.randn_like(policy.x_s), policy.sigma_s * 0.4
+        before = policy.velocity(x, sigma)
+        same = random_gm_policy(shape)[0].temperature_(1.0)
+        assert torch.allclose(same.logweights, policy.logweights, atol=1e-12) and torch.equal(same.var, policy.var)
+        assert (policy.temperature_(1.0).velocity(x, sigma) - before).abs().max() < 1e-12  # T = 1: identity
+        sharp = random_gm_policy(shape)[0].temperature_(0.5)
+        assert (sharp.velocity(x, sigma) - before).abs().max() > 1e-3
+        assert torch.allclose(sharp.logweights.exp().sum(1), torch.ones(()).double())
+        # dropout: never every component of a sample, some components at a moderate rate
+        torch.manual_seed(0)
+        for p, expect_drops in ((0.9, True), (0.3, True), (0.0, False)):
+            dropped = random_gm_policy(shape, batch=512)[0].dropout_(p)
+            alive = torch.isfinite(dropped.logweights).flatten(2).all(2)  # (B, K), same for every pixel
+            assert alive.any(1).all(), f"p = {p} removed every component of some sample"
+            assert bool((~alive).any()) == expect_drops
+            assert torch.allclose(dropped.logweights.exp().sum(1), torch.ones(()).double())
+            assert torch.isfinite(dropped.velocity(torch.randn_like(dropped.x_s), dropped.sigma_s * 0.5)).all()
+
+
+def test_piflow_dx_interpolation_and_rollout_substep_rule():
+    # DX: at the N grid times of its segment (uniform in raw time) x0_hat is that grid point
+    g = torch.Generator().manual_seed(0)
+    B, N, shift = 8, 5, 3.2
+    out_u = torch.randn(B, N, 2, 3, 3, generator=g, dtype=torch.float64)
+    x_s = torch.randn(B, 2, 3, 3, generator=g, dtype=torch.float64)
+    tau_s, tau_dst = torch.full((B,), 0.8, dtype=torch.float64), torch.full((B,), 0.3, dtype=torch.float64)
+    policy = piflow.DXPolicy(out_u, x_s, piflow.warp(tau_s, shift), tau_s, tau_dst, shift)
+    x = torch.randn_like(x_s)
+    for j in range(N):
+        sigma = piflow.warp(tau_dst + j / (N - 1) * (tau_s - tau_dst), shift)
+        x0_hat = x - sigma.view(-1, 1, 1, 1) * policy.velocity(x, sigma)
+        assert (x0_hat - policy.grid[:, j]).abs().max() < 1e-10, f"grid point {j} missed"
+    mid = piflow.warp(tau_dst + 2.5 / (N - 1) * (tau_s - tau_dst), shift)  # halfway between points 2 and 3
+    x0_mid = x - mid.view(-1, 1, 1, 1) * policy.velocity(x, mid)
+    assert (x0_mid - 0.5 * (policy.grid[:, 2] + policy.grid[:, 3])).abs().max() < 1e-10
+
+    # segment grid: n = 4, f = 0.5 -> tau = 1, .714, .429, .143, 0 (reference §0)
+    assert torch.allclose(piflow.segment_times(4, 0.5), torch.tensor([1, 5 / 7, 3 / 7, 1 / 7, 0], dtype=torch.float64))
+
+    # rollout: N = max(1, round(delta_tau * 128)) Euler steps per sample, in one batch. For dx/dsigma = x
+    # with shift 1 the result is x (1 - delta / N)^N, which tells N apart from N +- 1.
+    class Linear:
+        calls = 0
+
+        def velocity(self, x, sigma):
+            Linear.calls += 1
+            return x
+
+    tau_from = torch.tensor([1.0, 1.0, 0.7, 0.5, 0.2], dtype=torch.float64)
+    tau_to = torch.tensor([0.0, 0.75, 0.6, 0.499, 0.19], dtype=torch.float64)
+    counts = piflow.substep_counts(tau_from, tau_to, 128)
+    assert counts.tolist() == [128, 32, 13, 1, 1]
+    x = piflow.rollout(Linear(), torch.ones(5, 1, dtype=torch.float64), tau_from, tau_to, piflow.Config())
+    delta = tau_from - tau_to
+    expected = (1 - delta / counts) ** counts
+    assert (x[:, 0] - expected).abs().max() < 1e-12
+    assert ((x[:, 0] - (1 - delta / (counts + 1)) ** (counts + 1)).abs()[:3] > 1e-7).all()
+    assert Linear.calls == 128
+
+
+def test_piflow_student_starts_from_the_teacher():
+    """Teacher head replicated K times (no bias noise here): every GM component, the mixture mean and
+    every DX grid point reproduce the teacher's velocity; uniform weights, log-std log 0.05."""
+    for shape in ((2,), (1, 8, 8)):
+        kwargs = {"heads": 2} if len(shape) == 3 else {}
+        teacher_net = common.new_backbone(shape, 3, hidden=32, depth=2, **kwargs)
+        with torch.no_grad():
+            for p in teacher_net.parameters():  # a non-trivial teacher (zero-initialised gates would hide errors)
+                p.normal_(0, 0.1)
+        x, t, y = torch.randn(4, *shape), torch.rand(4), torch.tensor([0, 1, 2, 3])
+        u = teacher_net(x, t, y)
+        gm = piflow.Student(teacher_net, "gm", 5, bias_noise=0.0)
+        means_u, logweights, logstd = gm(x, t, y)
+        assert (means_u - u[:, None]).abs().max() < 1e-5 and logweights.abs().max() == 0
+        assert torch.allclose(logstd, torch.full((4,), math.log(0.05)))
+        dx = piflow.Student(teacher_net, "dx", 4)
+        assert (dx(x, t, y)[0] - u[:, None]).abs().max() < 1e-5
+        noisy = piflow.Student(teacher_net, "gm", 5, seed=1, bias_noise=0.05)(x, t, y)[0]
+        assert 0.01 < float((noisy - u[:, None]).detach().std()) < 0.1  # the symmetry-breaking noise is there
+
+
+def piflow_quick_fit(tmp):
+    """common.fit_to_world with a short fit and a private cache (the fit's quality does not matter here)."""
+    full = common.fit_to_world
+    return full, lambda world, arch_kwargs=None, device="cpu", **kw: full(world, arch_kwargs, steps=200, device=device,
+                                                                           cache_dir=os.path.join(tmp, "cache"))
+
+
+def small_piflow_config(out, **kw):
+    return piflow.Config(**{"out": out, "hidden": 32, "depth": 2, "batch": 128, "steps": 60, "nfes": "1,2",
+                            "warmup": 10, "ema_start": 10, "log_every": 20, "ckpt_every": 30, "eval_samples": 300,
+                            "total_substeps": 32, "device": "cpu", **kw})
+
+
+def fixed_piid_loss(student, teacher, world, nfe, cfg):
+    """The pi-ID loss on one fixed batch, fixed times and fixed dropout (a seeded draw)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        x0, _ = world.sample(512, generator=torch.Generator().manual_seed(5))
+        tau_s, tau_dst = piflow.pick_segments(512, nfe, cfg, "cpu")
+        x_s = (1 - piflow.bc(tau_s, x0).float()) * x0 + piflow.bc(tau_s, x0).float() * torch.randn_like(x0)
+        return float(piflow.piid_segment(student, teacher, x_s, tau_s, tau_dst, None, cfg)[0].mean())
+
+
+def test_piflow_short_run_lowers_the_loss_resumes_exactly_and_samples():
+    with tempfile.TemporaryDirectory() as tmp:
+        full, common.fit_to_world = piflow_quick_fit(tmp)
+        try:
+            cfg = small_piflow_config(os.path.join(tmp, "run"))
+            emas = piflow.train(cfg)
+            teacher_net = common.fit_to_world(common.make_world("checkerboard"), {"hidden": 32, "depth": 2})
+            piflow.train(small_piflow_config(os.path.join(tmp, "half"), steps=30))  # 30 steps, then 30 more
+            piflow.train(small_piflow_config(os.path.join(tmp, "half"), resume=True))
+        finally:
+            common.fit_to_world = full
+        ckpt = torch.load(os.path.join(tmp, "run", "ckpt.pt"), weights_only=True)
+        half = torch.load(os.path.join(tmp, "half", "ckpt.pt"), weights_only=True)
+        for name in ("model_1", "ema_1", "model_2", "ema_2"):
+            for key, v in ckpt[name].items():
+                assert torch.equal(v, half[name][key]), f"resume differs in {name}.{key}"
+        world = common.make_world("checkerboard")
+        for nfe in (1, 2):
+            start = piflow.Student(teacher_net, "gm", cfg.num_components, cfg.seed, cfg.bias_noise)
+            trained = piflow.Student(teacher_net, "gm", cfg.num_components)
+            trained.load_state_dict(ckpt[f"model_{nfe}"])
+            before, after = fixed_piid_loss(start, world, world, nfe, cfg), fixed_piid_loss(trained, world, world, nfe, cfg)
+            assert after < 0.7 * before, f"{nfe} NFE: pi-ID loss {before:.4f} -> {after:.4f}"
+            x = piflow.sample(emas[nfe], torch.randn(500, 2), None, nfe, cfg)
+            assert torch.isfinite(x).all() and x.abs().max() < 10
+        rows = json.load(open(os.path.join(tmp, "run", "metrics.json")))["results"]
+        students = {r["nfe"]: r for r in rows if r["sampler"] == "student"}
+        assert sorted(students) == [1, 2] and all(math.isfinite(r["swd"]) and "ode_err" in r for r in students.values())
+
+
+def test_piflow_torchrun_two_processes_datafree_dx_and_gm_with_cfg():
+    """DDP smoke runs on a class-conditional mixture with a learned teacher and CFG: the data-free
+    trainer (several backward passes per step) with the GM policy and the window / mixing options,
+    and the DX policy; both ranks train, rank 0 alone writes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        world = small_labelled_world(dim=2)
+        np.savez(os.path.join(tmp, "mix.npz"), weights=world.weights.numpy(), means=world.means.numpy(),
+                 stds=world.stds.numpy(), labels=world.labels.numpy())
+        net = common.new_backbone(world.shape, world.num_classes, hidden=32, depth=2)
+        common.save_checkpoint(os.path.join(tmp, "teacher.pt"), {"backbone": net._spec, "ema": net.state_dict()})
+        for name, extra in (("gm", ["--trainer", "datafree", "--window-substeps", "3", "--mix-decay-iters", "10"]),
+                            ("dx", ["--policy", "dx"])):
+            out = os.path.join(tmp, name)
+            r = torchrun(["piflow.py", "--data", os.path.join(tmp, "mix.npz"), "--teacher", os.path.join(tmp, "teacher.pt"),
+                          "--steps", "20", "--batch", "64", "--nfes", "1,2", "--total-substeps", "32", "--eval-samples",
+                          "300", "--guidance", "2", "--out", out, "--log-every", "10", *extra])
+            assert r.returncode == 0, r.stderr[-2000:]
+            metrics = json.load(open(os.path.join(out, "metrics.json")))
+            assert metrics["steps"] == 20 and metrics["guidance"] == 2 and metrics["teacher"] == "learned"
+            students = [row for row in metrics["results"] if row["sampler"] == "student"]
+            assert [s["nfe"] for s in students] == [1, 2]
+            assert all("cond_acc" in s and math.isfinite(s["swd"]) for s in students)
+            assert len(open(os.path.join(out, "log.jsonl")).read().splitlines()) == 2  # rank 0 alone logs
+            assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl", "metrics.json", "samples.png"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# undistill_flux.py
+
+
+
+def flux_reference_shapes(dev):
+    """Reference §1.5, written out independently of the model code: BFL key -> shape for FLUX.1."""
+    h, mlp, head = 3072, 12288, 128
+    shapes = {"img_in.weight": (h, 64), "img_in.bias": (h,), "txt_in.weight": (h, 4096), "txt_in.bias": (h,),
+              "final_layer.adaLN_modulation.1.weight": (2 * h, h), "final_layer.adaLN_modulation.1.bias": (2 * h,),
+              "final_layer.linear.weight": (64, h), "final_layer.linear.bias": (64,)}
+    for emb, width in [("time_in", 256), ("vector_in", 768)] + ([("guidance_in", 256)] if dev else []):
+        shapes.update({f"{emb}.in_layer.weight": (h, width), f"{emb}.in_layer.bias": (h,),
+                       f"{emb}.out_layer.weight": (h, h), f"{emb}.out_layer.bias": (h,)})
+    for n in range(19):
+        for s in ("img", "txt"):
+            p = f"double_blocks.{n}.{s}"
+            shapes.update({f"{p}_mod.lin.weight": (6 * h, h), f"{p}_mod.lin.bias": (6 * h,),
+                           f"{p}_attn.qkv.weight": (3 * h, h), f"{p}_attn.qkv.bias": (3 * h,),
+                           f"{p}_attn.norm.query_norm.scale": (head,), f"{p}_attn.norm.key_norm.scale": (head,),
+                           f"{p}_attn.proj.weight": (h, h), f"{p}_attn.proj.bias": (h,),
+                           f"{p}_mlp.0.weight": (mlp, h), f"{p}_mlp.0.bias": (mlp,),
+                           f"{p}_mlp.2.weight": (h, mlp), f"{p}_mlp.2.bias": (h,)})
+    for n in range(38):
+        p = f"single_blocks.{n}"
+        shapes.update({f"{p}.linear1.weight": (3 * h + mlp, h), f"{p}.linear1.bias": (3 * h + mlp,),
+                       f"{p}.linear2.weight": (h, h + mlp), f"{p}.linear2.bias": (h,),
+                       f"{p}.norm.query_norm.scale": (head,), f"{p}.norm.key_norm.scale": (head,),
+                       f"{p}.modulation.lin.weight": (3 * h, h), f"{p}.modulation.lin.bias": (3 * h,)})
+    return shapes
+
+
+def test_undistill_flux_schnell_and_dev_keys_shapes_on_meta():
+    for preset, n_tensors, n_params in (("schnell", 776, 11_891_178_560), ("dev", 780, 11_901_408_320)):
+        with torch.device("meta"):
+            model = uf.Flux(**uf.PRESETS[preset])
+        state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert len(state) == n_tensors and sum(math.prod(s) for s in state.values()) == n_params, (preset, len(state))
+        assert state == flux_reference_shapes(preset == "dev"), preset
+        assert all(p.is_meta for p in model.parameters())  # no memory was allocated
+
+
+def random_tiny_flux(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = uf.Flux(**{**uf.PRESETS["tiny"], **overrides})
+    with torch.no_grad():
+        for p in model.parameters():  # no zero/one parameters: every path must matter
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+def tiny_inputs(n, text_len=8, seed=0, H=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, H, H, generator=g)
+    cond = {"t5": torch.randn(n, text_len, 32, generator=g), "clip_pooled": torch.randn(n, 32, generator=g),
+            "t5_mask": torch.arange(text_len)[None] < torch.randint(1, text_len, (n, 1), generator=g)}
+    return x, torch.rand(n, generator=g), cond
+
+
+def test_undistill_flux_bool_mask_equals_removing_padding():
+    model = random_tiny_flux()
+    x, t, cond = tiny_inputs(4)
+    with torch.no_grad():
+        masked = uf.predict(model, x, t, cond, "bool")
+        soft, none = uf.predict(model, x, t, cond, "soft"), uf.predict(model, x, t, cond, "none")
+        for i in range(4):
+            keep = cond["t5_mask"][i]
+            alone = {k: v[i:i + 1] for k, v in cond.items()}
+            alone["t5"], alone["t5_mask"] = alone["t5"][:, keep], alone["t5_mask"][:, keep]
+            dropped = uf.predict(model, x[i:i + 1], t[i:i + 1], alone, "none")
+            assert (masked[i:i + 1] - dropped).abs().max() < 1e-5
+            # the padding is really seen without a hard mask, and the soft (float 0/1) mask still attends to it
+            assert (none[i:i + 1] - dropped).abs().max() > 1e-3 and (soft[i:i + 1] - dropped).abs().max() > 1e-3
+
+
+def test_undistill_flux_rope_pairs_timestep_embedding_and_schedule():
+    # RoPE rotates adjacent pairs (x[2j], x[2j+1]) by pos_i * theta^(-2j/d_i), axis by axis (complex product)
+    ids = torch.tensor([[[0.0, 3.0, 5.0], [1.0, 2.0, 7.0]]])
+    q = torch.randn(1, 1, 2, 32, dtype=torch.float64)
+    got = uf.apply_rope(q, uf.rope(ids, (8, 12, 12), 10_000))
+    freqs = torch.cat([p[..., None].double() * 10_000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+                       for p, d in zip(ids[0].T, (8, 12, 12))], -1)
+    want = torch.view_as_real(torch.view_as_complex(q.reshape(1, 1, 2, 16, 2).contiguous()) * torch.polar(torch.ones_like(freqs), freqs)).flatten(-2)
+    assert (got - want).abs().max() < 1e-5
+    # timestep embedding: t x 1000, cos first, 256 dims
+    emb = common.timestep_embedding(torch.tensor([0.5]), 256)
+    assert torch.allclose(emb[0, 0], torch.cos(torch.tensor(500.0))) and torch.allclose(emb[0, 128], torch.sin(torch.tensor(500.0)))
+    # pack/unpack: inverse, channel-major (c ph pw) inside a token, tokens row-major over the 2x2 grid
+    z = torch.randn(3, 16, 6, 10)
+    assert torch.equal(uf.unpack(uf.pack(z), 6, 10), z) and uf.pack(z).shape == (3, 15, 64)
+    assert uf.pack(z)[1, 5, 4 * 7 + 2 * 1 + 0] == z[1, 7, 2 * 1 + 1, 2 * 0 + 0]  # token (row 1, col 0), c=7, ph=1, pw=0
+    img_ids, txt_ids = uf.position_ids(2, 6, 10, 4, "cpu")
+    assert img_ids[0, 5].tolist() == [0, 1, 0] and img_ids.shape == (2, 15, 3) and not txt_ids.any()
+    # schedule: mu through (256, 0.5) and (4096, 1.15); shift = e^mu / (e^mu + 1/t - 1); schnell grid unshifted
+    assert abs(uf.schedule_mu(256) - 0.5) < 1e-12 and abs(uf.schedule_mu(4096) - 1.15) < 1e-12
+    for mu in (0.5, 1.15, 0.46):
+        for t in (0.01, 0.25, 0.5, 0.9):
+            assert abs(uf.shift_time(t, mu) - math.exp(mu) / (math.exp(mu) + 1 / t - 1)) < 1e-12
+    assert uf.shift_time(0.0, 1.15) == 0.0 and abs(uf.shift_time(1.0, 1.15) - 1.0) < 1e-12
+
+
+def test_undistill_flux_lora_lokr_identity_merge_and_file_roundtrip():
+    # LyCORIS factorisation examples of reference §4.2, and the size of a full LoKr at factor 16
+    assert uf.factorization(3072, 16) == (16, 192) and uf.factorization(3072, -1) == (48, 64)
+    assert uf.factorization(3072, 10) == (8, 384) and uf.factorization(21504, 16) == (16, 1344)
+    assert uf.factorization(15360, 16) == (16, 960) and uf.factorization(9216, 16) == (16, 576)
+    big = uf.LoKrLinear(torch.nn.Linear(3072, 9216, device="meta"), (16, 16), 10**6, 1.0)
+    assert sum(p.numel() for p in big.parameters() if p.requires_grad) == 110_848 and big.scale == 1.0
+    x, t, cond = tiny_inputs(3)
+    base = random_tiny_flux()
+    with torch.no_grad():
+        ref = uf.predict(base, x, t, cond, "bool")
+    for kind, rank in (("lora", 4), ("lokr", 2), ("lokr", 1000)):  # LoKr with low-rank W2, and with full W2
+        model = copy.deepcopy(base)
+        names = uf.add_adapters(model, kind, "*attn.qkv,*.linear1,*_mod.lin,final_layer.linear", rank, 3.0, factor=4)
+        assert len(names) == 2 * 2 + 2 + 2 * 2 + 1
+        assert all(p.requires_grad == ("lora_" in n or "lokr_" in n) for n, p in model.named_parameters())
+        with torch.no_grad():
+            assert (uf.predict(model, x, t, cond, "bool") - ref).abs().max() == 0  # Delta W = 0 at init
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.1)
+            adapted = uf.predict(model, x, t, cond, "bool")
+            assert (adapted - ref).abs().max() > 1e-2
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "adapter.safetensors")
+                uf.save_safetensors(uf.adapter_state(model), path)
+                assert not any(".base." in k for k in load_file(path))
+                reloaded = copy.deepcopy(base)
+                assert sorted(uf.load_adapters(reloaded, path)) == sorted(names)
+                assert (uf.predict(reloaded, x, t, cond, "bool") - adapted).abs().max() == 0
+            merged = uf.merge_adapters(model)
+            assert set(merged.state_dict()) == set(base.state_dict())  # the original BFL keys again
+            assert (uf.predict(merged, x, t, cond, "bool") - adapted).abs().max() < 1e-5
+
+
+def test_undistill_flux_safetensors_bf16_roundtrip_prefix_and_layout_errors():
+    model = random_tiny_flux()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "flux.safetensors")
+        save_file({f"model.diffusion_model.{k}": v.bfloat16() for k, v in model.state_dict().items()}, path)
+        loaded = uf.load_flux(path, "tiny", dtype=torch.bfloat16)
+        assert all(not p.is_meta and p.dtype == torch.bfloat16 for p in loaded.parameters())
+        assert all(torch.equal(v.bfloat16(), loaded.state_dict()[k]) for k, v in model.state_dict().items())
+        renamed = {("transformer_blocks.0.attn.to_q.weight" if k == "double_blocks.0.img_attn.qkv.weight" else k): v
+                   for k, v in model.state_dict().items()}
+        save_file(renamed, path)
+        try:
+            uf.load_flux(path, "tiny")
+            raise AssertionError("a diffusers-layout file was accepted")
+        except SystemExit as e:
+            assert "diffusers layout" in str(e) and "double_blocks.N.img_attn.qkv" in str(e)
+        uf.PRESETS["tiny_dev"] = {**uf.PRESETS["tiny"], "guidance_embed": True}
+        try:
+            save_file(random_tiny_flux(guidance_embed=True).state_dict(), path)
+            uf.load_flux(path, "tiny")
+            raise AssertionError("a checkpoint with guidance_in was accepted as schnell-like")
+        except SystemExit as e:
+            assert "--preset dev" in str(e)
+        finally:
+            del uf.PRESETS["tiny_dev"]
+
+
+def write_tiny_shards(folder, n_shards=2, rows=24):
+    """Latent shards in the documented format for the tiny preset (4-channel latents, 32-dim text)."""
+    os.makedirs(folder, exist_ok=True)
+    for s in range(n_shards):
+        x, _, cond = tiny_inputs(rows, seed=10 + s)
+        save_file({"latents": x, "t5": cond["t5"].bfloat16(), "t5_mask": cond["t5_mask"].to(torch.uint8),
+                   "clip_pooled": cond["clip_pooled"]}, os.path.join(folder, f"shard{s}.safetensors"))
+    save_file({"t5": torch.randn(1, 8, 32), "t5_mask": (torch.arange(8) < 1).to(torch.uint8)[None],
+               "clip_pooled": torch.randn(1, 32)}, os.path.join(folder, "empty_prompt.safetensors"))
+
+
+def test_undistill_flux_shards_resume_exactly_sampling_mode_and_bad_input():
+    with tempfile.TemporaryDirectory() as tmp:
+        data, base = os.path.join(tmp, "shards"), os.path.join(tmp, "base.safetensors")
+        write_tiny_shards(data)
+        save_file(random_tiny_flux().state_dict(), base)
+        args = dict(data=data, base=base, adapter="lokr", batch=16, lr=1e-3, log_every=2, device="cpu")
+        uf.train(uf.Config(out=os.path.join(tmp, "a"), steps=6, ckpt_every=3, **args))
+        uf.train(uf.Config(out=os.path.join(tmp, "b"), steps=3, ckpt_every=3, **args))
+        uf.train(uf.Config(out=os.path.join(tmp, "b"), steps=6, ckpt_every=3, resume=True, **args))
+        a, b = (load_file(os.path.join(tmp, r, "adapter.safetensors")) for r in "ab")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume is not exact"
+        assert any(v.abs().sum() > 0 for k, v in a.items() if "w2" in k)  # the zero factor has moved
+        ckpt = torch.load(os.path.join(tmp, "a", "ckpt.pt"), weights_only=True)
+        assert all("lokr" in k for k in ckpt["model"])  # checkpoints carry the adapters, not the frozen base
+        prompts = os.path.join(tmp, "prompts.safetensors")
+        _, _, cond = tiny_inputs(2)
+        save_file({**cond, "t5_mask": cond["t5_mask"].to(torch.uint8),
+                   **{f"negative_{k}": v for k, v in load_file(os.path.join(data, "empty_prompt.safetensors")).items()}}, prompts)
+        uf.sample_from_prompts(uf.Config(base=base, adapter_file=os.path.join(tmp, "a", "adapter.safetensors"),
+                                         sample_prompts=prompts, height=64, width=48, sample_steps=3, cfg_scale=3.0,
+                                         no_cfg_steps=1, out=os.path.join(tmp, "s"), device="cpu"))
+        latents = load_file(os.path.join(tmp, "s", "samples.safetensors"))["latents"]
+        assert latents.shape == (2, 4, 8, 6) and torch.isfinite(latents).all()
+        bad = os.path.join(tmp, "bad")
+        write_tiny_shards(bad, n_shards=1)
+        save_file({"latents": torch.randn(3, 4, 8, 8), "t5": torch.randn(3, 8, 64), "t5_mask": torch.ones(3, 8),
+                   "clip_pooled": torch.randn(3, 32)}, os.path.join(bad, "shard1.safetensors"))
+        r = run([sys.executable, "undistill_flux.py", "--data", bad, "--base", base, "--steps", "1", "--out", os.path.join(tmp, "c")])
+        assert r.returncode != 0 and "shard1.safetensors" in r.stderr and "T5 width 32" in r.stderr, r.stderr[-500:]
+        assert "Traceback" not in r.stderr and not os.path.exists(os.path.join(tmp, "c", "ckpt.pt"))
+
+
+def test_undistill_flux_toy_pipeline_torchrun_two_processes():
+    """The embedded default end to end, shrunk (distillation, LoRA un-distillation, the table) under DDP."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "run")
+        r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                 os.path.join(HERE, "undistill_flux.py"), "--distill-steps", "8", "--distill-pool", "64", "--steps", "6",
+                 "--batch", "16", "--eval-samples", "40", "--eval-steps", "2", "--eval-cfgs", "1,3", "--log-every", "3",
+                 "--out", out], cwd=tmp)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert os.path.isfile(os.path.join(tmp, "runs", "cache", os.listdir(os.path.join(tmp, "runs", "cache"))[0]))
+        rows = json.load(open(os.path.join(out, "metrics.json")))["results"]
+        names = [(row["sampler"], row["nfe"]) for row in rows if "distilled" in row["sampler"]]
+        assert names == [("distilled schnell-sampler", 4), ("distilled cfg=1", 2), ("distilled cfg=3", 2),
+                         ("undistilled cfg=1", 2), ("undistilled cfg=3", 2)], names
+        assert all(math.isfinite(row["swd"]) and 0 <= row["cond_acc"] <= 1 for row in rows)
+        steps = [json.loads(l)["step"] for l in open(os.path.join(out, "log.jsonl")) if "loss" in l]
+        assert steps == [3, 6] and r.stdout.count("wrote ") == 1  # rank 0 alone logs and writes
+        assert len(load_file(os.path.join(out, "adapter.safetensors"))) == 3 * 34  # A, B, alpha on each of the 34 linears
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 import common
 from common import (Logger, autocast, barrier, bench, check_finite, cleanup, evaluate, fail, format_table,
@@ -77,8 +78,8 @@ class Config:
     rank: int = 8                  # LoRA rank / LoKr rank of W2 (W2 is full when rank >= max(W2 dims) / 2)
     alpha: float = 8.0             # scale alpha / rank (LoKr with a full W2: scale 1, as LyCORIS)
     lokr_factor: int = 4           # LoKr factorisation (reference §4.2): -1 = most balanced split
-    steps: int = 400               # toy scale; LibreFLUX trained on the order of 1,500 H100-hours [recalled]
-    batch: int = 128               # global batch, split across ranks
+    steps: int = 800               # toy scale; LibreFLUX trained on the order of 1,500 H100-hours [recalled]
+    batch: int = 32                # global batch, split across ranks
     lr: float = 2e-3               # AdamW; toy value (SimpleTuner suggests ~1e-3 for LoKr, 1e-4 for LoRA)
     lr_warmup: int = 20
     grad_clip: float = 1.0
@@ -96,14 +97,14 @@ class Config:
     bf16: bool = False             # bf16 base weights (adapters stay fp32) and bf16 autocast on CUDA
     fsdp: bool = False             # shard parameters with FSDP2 fully_shard (with --adapter full)
     text_len: int = 8              # toy: T5 stand-in length (real captions use 5 + </s>; the rest is padding)
-    distill_steps: int = 400       # toy: training of the schnell-like 4-step model
-    distill_batch: int = 128
-    distill_lr: float = 2e-3
+    distill_steps: int = 2400      # toy: training of the schnell-like 4-step model (cached afterwards)
+    distill_batch: int = 32
+    distill_lr: float = 3e-3
     distill_guidance: float = 2.0  # toy: CFG scale baked into the distilled model (schnell's is unknown)
-    distill_pool: int = 2048       # toy: teacher ODE trajectories to distil from
+    distill_pool: int = 4096       # toy: teacher ODE trajectories to distil from (fewer: overfitting)
     eval_steps: str = "4,8,32"     # toy table: Euler steps ...
     eval_cfgs: str = "1,2,4"       # ... times CFG scales
-    eval_samples: int = 500
+    eval_samples: int = 400
     sample_prompts: str = ""       # sampling mode: .safetensors with t5, t5_mask, clip_pooled (+ negative_*)
     adapter_file: str = ""         # sampling mode: adapters to merge into --base first
     sample_steps: int = 28
@@ -719,7 +720,7 @@ def sample_t(n, cfg, mu, device):
 def drop_captions(cond, empty, p):
     """With probability p a row's prompt becomes the empty prompt: T5 states, mask AND pooled vector."""
     drop = torch.rand(len(cond["t5"]), device=cond["t5"].device) < p
-    return {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), empty[k].to(v.device).expand_as(v), v)
+    return {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), empty[k].to(v.device, v.dtype).expand_as(v), v)
             for k, v in cond.items()}
 
 
@@ -730,25 +731,26 @@ def undistill_loss(model, batch, empty, cfg, guidance=None):
     t = sample_t(len(x0), cfg, schedule_mu(x0.shape[2] * x0.shape[3] // 4), x0.device)
     eps = torch.randn_like(x0)
     tb = t.view(-1, 1, 1, 1)
-    v = predict(model, (1 - tb) * x0 + tb * eps, t, cond, cfg.mask, guidance)
+    v = predict(model, ((1 - tb) * x0 + tb * eps).to(x0.dtype), t, cond, cfg.mask, guidance)
     return F.mse_loss(v.float(), (eps - x0).float())
 
 
 # ---------------------------------------------------------------------------------------------------
-# Sampler: Euler on the (shifted) grid with true CFG, and schnell's unshifted 4-step sampler
+# Sampler: Euler on the (shifted) grid with true CFG; schnell's own is 4 unshifted steps without CFG
 
 @torch.no_grad()
 def sample(model, noise, cond, uncond=None, steps=28, cfg_scale=1.0, shift=True, no_cfg_steps=0, mask="bool",
            guidance=None):
     """Integrate dx/dt = v from t = 1 to 0 on linspace(1, 0, steps + 1) (shifted by mu(seq len) when shift),
-    v = v_u + w (v_c - v_u) with the negative/empty prompt as u, except during the first no_cfg_steps."""
+    v = v_u + w (v_c - v_u) with the negative/empty prompt as u, except during the first no_cfg_steps.
+    steps=4, shift=False, cfg_scale=1 is FLUX.1-schnell's own sampler (BFL cli: no shift for schnell)."""
     ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
     if shift:
         ts = shift_time(ts, schedule_mu(noise.shape[2] * noise.shape[3] // 4))
     x, B = noise, len(noise)
     both = None if uncond is None else {k: torch.cat([cond[k], uncond[k].expand_as(cond[k])]) for k in cond}
     for i, (t0, t1) in enumerate(zip(ts[:-1].tolist(), ts[1:].tolist())):
-        t = torch.full((B,), t0, device=x.device, dtype=x.dtype)
+        t = torch.full((B,), t0, device=x.device)  # fp32 even for bf16 latents (t x 1000 inside)
         if cfg_scale == 1 or uncond is None or i < no_cfg_steps:
             v = predict(model, x, t, cond, mask, guidance)
         else:
@@ -759,15 +761,20 @@ def sample(model, noise, cond, uncond=None, steps=28, cfg_scale=1.0, shift=True,
     return x
 
 
-def schnell_sample(model, noise, cond, mask="none"):
-    """FLUX.1-schnell's own sampler: 4 Euler steps on the unshifted grid, no CFG (BFL cli, shift=False)."""
-    return sample(model, noise, cond, steps=4, shift=False, mask=mask)
-
-
 # ---------------------------------------------------------------------------------------------------
 # The toy's schnell: a tiny FLUX distilled into a 4-step, CFG-free model (cached under runs/cache)
 
 SCHNELL_GRID = (1.0, 0.75, 0.5, 0.25, 0.0)
+CACHE_DIR = os.path.join("runs", "cache")
+
+
+def zero_init_modulation(model):
+    """adaLN-Zero (DiT): every modulation and the output layer start at 0, so each block starts as the
+    identity. Only for the toy's from-scratch training (BFL did not publish FLUX's initialisation)."""
+    for m in [m.lin for m in model.modules() if isinstance(m, Modulation)] + \
+             [model.final_layer.adaLN_modulation[1], model.final_layer.linear]:
+        nn.init.zeros_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 def distilled_toy_schnell(cfg, world, text, device):
@@ -775,7 +782,7 @@ def distilled_toy_schnell(cfg, world, text, device):
     teacher ODE: v(x_tk, t_k, c) = (x_tk+1 - x_tk) / (t_k+1 - t_k). Returns the BFL-layout file."""
     spec = [world.spec(), PRESETS["tiny"], cfg.text_len, cfg.distill_steps, cfg.distill_batch, cfg.distill_lr,
             cfg.distill_guidance, cfg.distill_pool, cfg.seed]
-    path = os.path.join("runs", "cache", f"undistill_flux-schnell-{hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:12]}.safetensors")
+    path = os.path.join(CACHE_DIR, f"undistill_flux-schnell-{hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:12]}.safetensors")
     if is_main() and not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -783,15 +790,17 @@ def distilled_toy_schnell(cfg, world, text, device):
         cond = text.encode(text.captions(y, gen), device)
         xs, y = [torch.randn(cfg.distill_pool, *world.shape, generator=gen).to(device)], y.to(device)
         for t0, t1 in zip(SCHNELL_GRID[:-1], SCHNELL_GRID[1:]):  # the teacher's ODE, accurately, interval by interval
-            x, err = reference_ode(world.velocity, xs[-1], y, cfg.distill_guidance, steps=24, t_from=t0, t_to=t1)
+            x, err = reference_ode(world.velocity, xs[-1], y, cfg.distill_guidance, steps=16, t_from=t0, t_to=t1)
             xs.append(x)
             print0(f"teacher ODE {t0:.2f} -> {t1:.2f}: RMS error estimate {err:.1e}")
         xs = torch.stack([to_latent(x) for x in xs])
         torch.manual_seed(cfg.seed)
         model = Flux(**PRESETS["tiny"]).to(device)
+        zero_init_modulation(model)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.distill_lr, weight_decay=0.0)
-        logger = Logger(cfg.out, cfg.distill_steps, 0, desc="distilling the toy schnell")
-        for step in range(cfg.distill_steps):
+        bar = tqdm(range(cfg.distill_steps), desc="distilling the toy schnell", mininterval=10)  # rank 0 alone:
+        log = open(os.path.join(cfg.out, "log.jsonl"), "a")                                      # no collectives
+        for step in bar:
             idx = torch.randint(0, cfg.distill_pool, (cfg.distill_batch,), generator=gen).to(device)
             k = torch.randint(0, 4, (cfg.distill_batch,), generator=gen).to(device)
             t0, t1 = torch.tensor(SCHNELL_GRID, device=device)[k], torch.tensor(SCHNELL_GRID, device=device)[k + 1]
@@ -805,10 +814,10 @@ def distilled_toy_schnell(cfg, world, text, device):
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            logger.step()
             if (step + 1) % cfg.log_every == 0:
-                logger.log(step + 1, {"distill_loss": loss.item()})
-        logger.close()
+                log.write(json.dumps({"distill_step": step + 1, "distill_loss": round(loss.item(), 6)}) + "\n")
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        log.close()
         save_safetensors(model.state_dict(), path)
     barrier()
     return path
@@ -917,7 +926,7 @@ def train(cfg):
     guidance = (lambda n: torch.full((n,), cfg.dev_guidance, device=d.device)) if params["guidance_embed"] else (lambda n: None)
 
     def train_step(lr_scale):
-        b = data.next_batch(batch, d.device)
+        b = {k: v.to(base_dtype) if v.is_floating_point() else v for k, v in data.next_batch(batch, d.device).items()}
         with autocast(d.device):
             loss = undistill_loss(net, b, data.empty, cfg, guidance(batch))
         check_finite(loss, step)
@@ -970,25 +979,23 @@ def train(cfg):
 
 @torch.no_grad()
 def evaluate_toy(cfg, world, text, before, after, train_seconds, device):
-    """The before/after table: every (steps, CFG) pair for the distilled and the un-distilled model, on
-    the same noise and captions, next to schnell's own sampler and the exact teacher (common.evaluate)."""
-    before.eval(), after.eval()
+    """The before/after table: every (steps, CFG) pair for the distilled and the un-distilled model, on the
+    same noise and captions, next to the exact teacher (common.evaluate). Each model is sampled as it is
+    meant to be: the distilled one like schnell (unshifted grid, BFL's unmasked attention; 4 steps at CFG 1
+    is schnell's own sampler), the un-distilled one like dev (shifted grid) with its training mask."""
     empty = text.encode([""], device)
+    merged = merge_adapters(copy.deepcopy(after)).eval()  # same speed as the base when sampling
 
-    def sampler(model, steps, w, mask, schnell=False):
+    def sampler(model, steps, w, mask, shift):
         def fn(z, y):
             cond = text.encode(text.captions(y.cpu(), torch.Generator().manual_seed(0)), device)  # same for all
-            noise = to_latent(z)
-            x = schnell_sample(model, noise, cond, mask) if schnell else \
-                sample(model, noise, cond, empty, steps, w, cfg.time_shift, mask=mask)
-            return from_latent(x)
+            return from_latent(sample(model, to_latent(z), cond, empty, steps, w, shift, mask=mask))
         return fn
 
-    samplers = [{"sampler": "distilled schnell-sampler", "nfe": 4, "fn": sampler(before, 4, 1.0, "none", schnell=True)}]
-    for name, model, mask in (("distilled", before, "none"), ("undistilled", after, cfg.mask)):
-        for w in floats(cfg.eval_cfgs):
-            for steps in [int(s) for s in floats(cfg.eval_steps)]:
-                samplers.append({"sampler": f"{name} cfg={w:g}", "nfe": steps, "fn": sampler(model, steps, w, mask)})
+    samplers = [{"sampler": f"{name} cfg={w:g}", "nfe": steps, "fn": sampler(model, steps, w, mask, shift)}
+                for name, model, mask, shift in (("distilled", before.eval(), "none", False),
+                                                 ("undistilled", merged, cfg.mask, cfg.time_shift))
+                for w in floats(cfg.eval_cfgs) for steps in [int(s) for s in floats(cfg.eval_steps)]]
     rows = evaluate(samplers, world, world, cfg, cfg.out, "undistill_flux", train_seconds, n=cfg.eval_samples,
                     batch=cfg.eval_samples, device=device)
     print0(format_table(rows))
@@ -998,7 +1005,7 @@ def evaluate_toy(cfg, world, text, before, after, train_seconds, device):
 def headline_table(rows, steps):
     """swd / cond_acc per (model, CFG) row and Euler-step column."""
     cells = {(r["sampler"], r["nfe"]): r for r in rows}
-    names = [r["sampler"] for r in rows if r["sampler"].startswith(("distilled cfg", "undistilled"))]
+    names = [r["sampler"] for r in rows if "distilled" in r["sampler"]]
     lines = ["| model, CFG | " + " | ".join(f"{int(s)} steps: swd / cond_acc" for s in steps) + " |",
              "|---|" + "---|" * len(steps)]
     for name in dict.fromkeys(names):
