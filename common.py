@@ -787,7 +787,8 @@ def fit_to_world(world, arch_kwargs=None, steps=3000, batch=512, lr=1e-3, device
         gen = torch.Generator().manual_seed(0)
         net = new_backbone(world.shape, world.num_classes, **arch_kwargs).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
-        for step in tqdm(range(steps), desc=f"fitting a {type(net).__name__} to the exact velocity", leave=False):
+        for step in tqdm(range(steps), desc=f"fitting a {type(net).__name__} to the exact velocity", leave=False,
+                         mininterval=0.5 if sys.stderr.isatty() else 10):
             y = None
             if world.num_classes:  # 20 % null labels so the fit carries the unconditional velocity too
                 y = torch.randint(0, world.num_classes, (batch,), generator=gen)
@@ -1135,6 +1136,30 @@ def format_table(rows):
     for r in rows:
         lines.append("| " + " | ".join(f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate_real(samplers, shape, num_classes, cfg, method, train_seconds, device, batch=250):
+    """Real data (no exact world to score against): a sample grid per sampler, and FID against reference
+    statistics when --fid-ref and --fid-weights are given (cfg.fid_samples, labels cycling over the
+    classes). Writes metrics.json and samples.png. Rank 0 only."""
+    def draw(fn, n, offset=0):
+        z = torch.randn(n, *shape, device=device)
+        y = (torch.arange(offset, offset + n, device=device) % num_classes) if num_classes else None
+        return fn(z, y).clamp(-1, 1).float().cpu()
+    save_panels(os.path.join(cfg.out, "samples.png"),
+                [(f"{s['sampler']} {s['nfe']} NFE", image_grid(draw(s["fn"], 64))) for s in samplers], scale=2)
+    results = []
+    if cfg.fid_ref:
+        import eval_fid
+        for s in samplers:
+            x = torch.cat([draw(s["fn"], min(batch, cfg.fid_samples - i), i) for i in range(0, cfg.fid_samples, batch)])
+            fid = float(eval_fid.fid_of_samples(x, cfg.fid_ref, cfg.fid_weights, device=device))
+            results.append({"sampler": s["sampler"], "nfe": s["nfe"], "fid": fid})
+            print0(f"FID ({cfg.fid_samples} samples, {s['sampler']} {s['nfe']} NFE): {fid:.2f}")
+    write_json(os.path.join(cfg.out, "metrics.json"), {"method": method, "data": cfg.data, "teacher": "learned",
+                                                       "steps": cfg.steps, "train_seconds": round(train_seconds, 2),
+                                                       "guidance": getattr(cfg, "guidance", 1.0), "results": results})
 
 
 # ---------------------------------------------------------------------------------------------------

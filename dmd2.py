@@ -29,7 +29,6 @@ x0. The project's rectified flow x_t = (1 - t) x0 + t eps is the same path divid
     sigma = t / (1 - t),   t = sigma / (1 + sigma),   x_edm = x_t / (1 - t),   D(x_edm; sigma) = x_t - t u(x_t, t).
 Every loss below lives in x0 space as in the official code, so only the time axis changes.
 """
-import contextlib
 import copy
 import os
 import time
@@ -40,10 +39,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (DataSource, Logger, NetTeacher, autocast, barrier, bench, broadcast_int, broadcast_module,
-                    build_backbone, check_finite, cleanup, ema_update, evaluate, fail, flow_matching_loss,
-                    format_table, image_grid, init_from_teacher, is_main, load_training_state, maybe_compile,
-                    new_backbone, parse_config, prepare_out, print0, save_panels, save_training_state, setup_dist,
-                    teacher_for, unwrap, wrap_ddp, write_json)
+                    build_backbone, check_finite, cleanup, ema_update, evaluate, evaluate_real, fail,
+                    flow_matching_loss, format_table, init_from_teacher, is_main, load_training_state, maybe_compile,
+                    new_backbone, parse_config, prepare_out, print0, save_training_state, setup_dist, teacher_for,
+                    unwrap, wrap_ddp)
 
 
 @dataclass
@@ -62,7 +61,9 @@ class Config:
     weight_decay: float = 0.01     # AdamW, betas (0.9, 0.999) (official)
     grad_clip: float = 10.0        # both networks (official)
     ttur: int = 5                  # critic updates per G update (paper: 5 ImageNet/SDXL, 10 SD1.5)
-    dm_t_min: float = 0.02         # DM noise level t ~ U[dm_t_min, dm_t_max] in rectified-flow time (see below)
+    dm_t_dist: str = "uniform"     # DM noise level: uniform t ~ U[dm_t_min, dm_t_max] (paper's wording) | karras
+                                   # (official code: index uniform in [20, 980] of the 1000-point Karras grid)
+    dm_t_min: float = 0.02         # bounds of the uniform draw in rectified-flow time
     dm_t_max: float = 0.98
     gan_g: float = 3e-3            # weight of the generator's GAN loss (paper ImageNet: 3e-3). On the 2D world its
                                    # gradient on x is ~0.5x the DM loss's per unit weight, so this keeps the GAN
@@ -101,11 +102,12 @@ def noised(x0, t, eps):
     return (1 - bc(t, x0)) * x0 + bc(t, x0) * eps
 
 
-def karras_times(n, device, sigma_min=0.002, sigma_max=80.0, rho=7.0, grid=1000):
+def karras_times(n, device, lo=0, hi=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0, grid=1000):
     """The official noise levels of the fake score and the diffusion-GAN: an index uniform over the
     1000-point EDM Karras grid (rho = 7, index 0 = sigma_min), as rectified-flow time t = sigma / (1 + sigma):
-    t in [0.002, 0.988], median 0.72, 28 % of the draws below t = 0.2 (where a 2D world's fine structure is)."""
-    i = torch.randint(0, grid, (n,), device=device).double() / (grid - 1)
+    t in [0.002, 0.988], median 0.72, 28 % of the draws below t = 0.2 (where a 2D world's fine structure is).
+    The DM loss of the official code draws the index from [lo, hi) = [20, 980) only."""
+    i = torch.randint(lo, hi, (n,), device=device).double() / (grid - 1)
     sigma = (sigma_max ** (1 / rho) + (1 - i) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return (sigma / (1 + sigma)).float()
 
@@ -153,14 +155,6 @@ class Critic(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Objective
 
-def real_velocity(teacher, x_t, t, y, guidance):
-    """The real score with CFG. Networks run under bf16 autocast on CUDA; the analytic mixture stays in
-    fp32 (its matmul distances lose everything in bf16)."""
-    ctx = autocast(x_t.device) if isinstance(teacher, NetTeacher) else contextlib.nullcontext()
-    with ctx:
-        return teacher.velocity(x_t, t, y, guidance).float()
-
-
 def distribution_matching_loss(x, y, teacher, fake_score, cfg):
     """DMD Eq. 7-8 as implemented (edm_guidance.py: compute_distribution_matching_loss). With
     s(x_t) = -(x_t - alpha mu(x_t)) / sigma^2 and the Eq. 8 weight w = sigma^2 / alpha * CS / |mu_real - x|_1,
@@ -169,14 +163,17 @@ def distribution_matching_loss(x, y, teacher, fake_score, cfg):
     and the surrogate 0.5 ||x - sg(x - g)||^2 (mean) has gradient g / numel with respect to x.
     Noise level: the official code draws an index uniformly from [20, 980] of a 1000-point Karras grid
     (sigma 0.0032..72, i.e. t 0.003..0.986 with median 0.72); the paper writes t ~ U[0.02T, 0.98T].
-    Here t ~ U[dm_t_min, dm_t_max] in rectified-flow time. fake_score(x_t, t, y) returns a velocity."""
+    Here t ~ U[dm_t_min, dm_t_max] in rectified-flow time, or the official grid (--dm-t-dist karras).
+    fake_score(x_t, t, y) returns a velocity. Both scores run in fp32: g is a small difference of two
+    predictions, which bf16 would swamp (the official SD code disables autocast here for the same reason)."""
     with torch.no_grad():
-        t = cfg.dm_t_min + (cfg.dm_t_max - cfg.dm_t_min) * torch.rand(len(x), device=x.device)
+        if cfg.dm_t_dist == "karras":
+            t = karras_times(len(x), x.device, lo=20, hi=980)
+        else:
+            t = cfg.dm_t_min + (cfg.dm_t_max - cfg.dm_t_min) * torch.rand(len(x), device=x.device)
         x_t = noised(x, t, torch.randn_like(x))
-        x0_real = x_t - bc(t, x) * real_velocity(teacher, x_t, t, y, cfg.guidance)
-        with autocast(x.device):
-            u_fake = fake_score(x_t, t, y)
-        x0_fake = x_t - bc(t, x) * u_fake.float()
+        x0_real = x_t - bc(t, x) * teacher.velocity(x_t, t, y, cfg.guidance).float()
+        x0_fake = x_t - bc(t, x) * fake_score(x_t, t, y).float()
         normaliser = (x - x0_real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
         grad = torch.nan_to_num((x0_fake - x0_real) / normaliser)
     return 0.5 * F.mse_loss(x, (x - grad).detach())
@@ -211,7 +208,8 @@ def critic_loss(critic, x_fake, y_fake, x_real, y_real, cfg):
     weight in rectified-flow time is ((1 - t)^2 + 4 t^2) / t^2: the two differ only by the bounded factor
     (1 - t)^2 + 4 t^2 in [0.8, 4] (1 at t = 0, 4 at t = 1), i.e. flow matching puts up to 4x less weight
     on the noisiest levels relative to the cleanest."""
-    loss_fake = flow_matching_loss(critic, x_fake, y_fake, karras_times(len(x_fake), x_fake.device))
+    with autocast(x_fake.device):
+        loss_fake = flow_matching_loss(critic, x_fake, y_fake, karras_times(len(x_fake), x_fake.device))
     stats = {"fake_loss": loss_fake.item()}
     if unwrap(critic).head is None:
         return loss_fake, stats
@@ -301,6 +299,11 @@ def check_config(cfg, world_size):
         fail(f"need 0 < --dm-t-min < --dm-t-max < 1, got {cfg.dm_t_min}, {cfg.dm_t_max}")
     if cfg.gan_g < 0 or cfg.gan_d < 0 or cfg.guidance <= 0 or not 0 <= cfg.ema_decay < 1:
         fail("--gan-g and --gan-d must be >= 0, --guidance > 0 and --ema-decay in [0, 1)")
+    if (cfg.gan_g > 0) != (cfg.gan_d > 0):
+        fail("--gan-g and --gan-d must both be > 0 (GAN on) or both 0 (off): a head trained with weight 0 "
+             "would hand G the gradient of a random classifier")
+    if cfg.dm_t_dist not in ("uniform", "karras"):
+        fail(f"--dm-t-dist must be uniform or karras, got {cfg.dm_t_dist!r}")
     if bool(cfg.fid_ref) != bool(cfg.fid_weights):
         fail("FID needs both --fid-ref (reference statistics) and --fid-weights (Inception weights)")
 
@@ -406,33 +409,11 @@ def train(cfg):
                             device=d.device)
             print0(format_table(rows))
         else:
-            evaluate_real(samplers, data, cfg, train_seconds, d.device)
+            evaluate_real(samplers, data.shape, data.num_classes, cfg, "dmd2", train_seconds, d.device)
         print0(f"wrote {cfg.out}/ckpt.pt, metrics.json, samples.png ({train_seconds:.1f} s of training)")
     barrier()
     cleanup()
     return generator if ema is None else ema
-
-
-@torch.no_grad()
-def evaluate_real(samplers, data, cfg, train_seconds, device, batch=250):
-    """Real data: sample grids, and FID against reference statistics when they are given."""
-    def draw(fn, n, offset=0):
-        z = torch.randn(n, *data.shape, device=device)
-        y = (torch.arange(offset, offset + n, device=device) % data.num_classes) if data.num_classes else None
-        return fn(z, y).clamp(-1, 1).cpu()
-    save_panels(os.path.join(cfg.out, "samples.png"),
-                [(f"student {s['nfe']} NFE", image_grid(draw(s["fn"], 64))) for s in samplers], scale=2)
-    results = []
-    if cfg.fid_ref:
-        import eval_fid
-        for s in samplers:
-            x = torch.cat([draw(s["fn"], min(batch, cfg.fid_samples - i), i) for i in range(0, cfg.fid_samples, batch)])
-            fid = float(eval_fid.fid_of_samples(x, cfg.fid_ref, cfg.fid_weights, device=device))
-            results.append({"sampler": "student", "nfe": s["nfe"], "fid": fid})
-            print0(f"FID ({cfg.fid_samples} samples, {s['nfe']} NFE): {fid:.2f}")
-    write_json(os.path.join(cfg.out, "metrics.json"), {"method": "dmd2", "data": cfg.data, "teacher": "learned",
-                                                       "steps": cfg.steps, "train_seconds": round(train_seconds, 2),
-                                                       "guidance": cfg.guidance, "results": results})
 
 
 def main():

@@ -39,11 +39,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from common import (DataSource, NetTeacher, Logger, autocast, bench, build_backbone, check_finite, cleanup, evaluate,
-                    fail, flow_matching_loss, format_table, image_grid, init_from_teacher, is_main, load_teacher_net,
-                    load_training_state, make_world, maybe_compile, prepare_out, print0, reduce_mean, save_panels,
-                    save_training_state, setup_dist, teacher_for, unwrap, wrap_ddp, ema_update, parse_config, barrier,
-                    write_json)
+from common import (DataSource, Logger, NetTeacher, autocast, barrier, bench, build_backbone, check_finite, cleanup,
+                    ema_update, evaluate, evaluate_real, fail, flow_matching_loss, format_table, init_from_teacher,
+                    is_main, load_teacher_net, load_training_state, make_world, maybe_compile, parse_config,
+                    prepare_out, print0, reduce_mean, save_training_state, setup_dist, teacher_for, unwrap, wrap_ddp)
 
 
 @dataclass
@@ -189,26 +188,6 @@ def one_step_sample(net, z, y, gamma):
     return jump(net, z, torch.ones(len(z), device=z.device), y, gamma)
 
 
-@torch.no_grad()
-def evaluate_real(sampler, shape, num_classes, cfg, train_seconds, device, batch=250):
-    """Real data: a sample grid, and FID against reference statistics when they are given."""
-    def draw(n, offset=0):
-        z = torch.randn(n, *shape, device=device)
-        y = (torch.arange(offset, offset + n, device=device) % num_classes) if num_classes else None
-        return sampler(z, y).clamp(-1, 1).cpu()
-    save_panels(os.path.join(cfg.out, "samples.png"), [("student 1 NFE", image_grid(draw(64)))], scale=2)
-    results = []
-    if cfg.fid_ref:
-        import eval_fid
-        x = torch.cat([draw(min(batch, cfg.fid_samples - i), i) for i in range(0, cfg.fid_samples, batch)])
-        fid = float(eval_fid.fid_of_samples(x, cfg.fid_ref, cfg.fid_weights, device=device))
-        results.append({"sampler": "student", "nfe": 1, "fid": fid})
-        print0(f"FID ({cfg.fid_samples} samples, 1 NFE): {fid:.2f}")
-    write_json(os.path.join(cfg.out, "metrics.json"), {"method": "freeflow", "data": cfg.data, "teacher": "learned",
-                                                       "steps": cfg.steps, "train_seconds": round(train_seconds, 2),
-                                                       "guidance": cfg.guidance, "results": results})
-
-
 # ---------------------------------------------------------------------------------------------------
 # Training: noise and labels in, nothing else
 
@@ -320,7 +299,7 @@ def train(cfg):
     logger = Logger(cfg.out, cfg.steps, step, desc="freeflow")
     t_start = time.time()
     while step < cfg.steps:
-        stats = train_step(min(1.0, (step + 1) / cfg.lr_warmup))
+        stats = train_step(min(1.0, (step + 1) / max(cfg.lr_warmup, 1)))
         ema_update(ema, model, cfg.ema_decay)
         step += 1
         logger.step()
@@ -340,7 +319,8 @@ def train(cfg):
                             n=cfg.eval_samples, guidance=cfg.guidance, device=d.device)
             print0(format_table(rows))
         else:
-            evaluate_real(sampler, shape, num_classes, cfg, train_seconds, d.device)
+            evaluate_real([{"sampler": "student", "nfe": 1, "fn": sampler}], shape, num_classes, cfg, "freeflow",
+                          train_seconds, d.device)
         print0(f"wrote {cfg.out}/ckpt.pt, metrics.json, samples.png ({train_seconds:.1f} s of training)")
     barrier()
     cleanup()

@@ -799,7 +799,7 @@ def distilled_toy_schnell(cfg, world, text, device):
         zero_init_modulation(model)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.distill_lr, weight_decay=0.0)
         bar = tqdm(range(cfg.distill_steps), desc="distilling the toy schnell", mininterval=10)  # rank 0 alone:
-        log = open(os.path.join(cfg.out, "log.jsonl"), "a")                                      # no collectives
+        log = open(path.replace(".safetensors", ".log.jsonl"), "w")  # no collectives; the log stays with the cache
         for step in bar:
             idx = torch.randint(0, cfg.distill_pool, (cfg.distill_batch,), generator=gen).to(device)
             k = torch.randint(0, 4, (cfg.distill_batch,), generator=gen).to(device)
@@ -979,10 +979,11 @@ def train(cfg):
 
 @torch.no_grad()
 def evaluate_toy(cfg, world, text, before, after, train_seconds, device):
-    """The before/after table: every (steps, CFG) pair for the distilled and the un-distilled model, on the
-    same noise and captions, next to the exact teacher (common.evaluate). Each model is sampled as it is
-    meant to be: the distilled one like schnell (unshifted grid, BFL's unmasked attention; 4 steps at CFG 1
-    is schnell's own sampler), the un-distilled one like dev (shifted grid) with its training mask."""
+    """The before/after table: every (steps, CFG) pair for the distilled and the un-distilled model with the
+    same sampler (Euler on the shifted grid, true CFG against the empty prompt), on the same noise and
+    captions, next to the exact teacher (common.evaluate); plus schnell's own sampler (4 unshifted steps,
+    no CFG) on the distilled model. Each model attends as it was trained: the distilled one unmasked (BFL),
+    the un-distilled one with --mask."""
     empty = text.encode([""], device)
     merged = merge_adapters(copy.deepcopy(after)).eval()  # same speed as the base when sampling
 
@@ -992,25 +993,25 @@ def evaluate_toy(cfg, world, text, before, after, train_seconds, device):
             return from_latent(sample(model, to_latent(z), cond, empty, steps, w, shift, mask=mask))
         return fn
 
-    samplers = [{"sampler": f"{name} cfg={w:g}", "nfe": steps, "fn": sampler(model, steps, w, mask, shift)}
-                for name, model, mask, shift in (("distilled", before.eval(), "none", False),
-                                                 ("undistilled", merged, cfg.mask, cfg.time_shift))
-                for w in floats(cfg.eval_cfgs) for steps in [int(s) for s in floats(cfg.eval_steps)]]
+    samplers = [{"sampler": "distilled schnell-sampler", "nfe": 4, "fn": sampler(before.eval(), 4, 1.0, "none", False)}]
+    samplers += [{"sampler": f"{name} cfg={w:g}", "nfe": steps, "fn": sampler(model, steps, w, mask, cfg.time_shift)}
+                 for name, model, mask in (("distilled", before, "none"), ("undistilled", merged, cfg.mask))
+                 for w in floats(cfg.eval_cfgs) for steps in [int(s) for s in floats(cfg.eval_steps)]]
     rows = evaluate(samplers, world, world, cfg, cfg.out, "undistill_flux", train_seconds, n=cfg.eval_samples,
                     batch=cfg.eval_samples, device=device)
     print0(format_table(rows))
-    print0(headline_table(rows, floats(cfg.eval_steps)))
+    print0(headline_table(rows, [int(s) for s in floats(cfg.eval_steps)]))
 
 
 def headline_table(rows, steps):
-    """swd / cond_acc per (model, CFG) row and Euler-step column."""
+    """swd / cond_acc per (model, CFG) row and Euler-step column; schnell's own sampler and the data below."""
     cells = {(r["sampler"], r["nfe"]): r for r in rows}
-    names = [r["sampler"] for r in rows if "distilled" in r["sampler"]]
-    lines = ["| model, CFG | " + " | ".join(f"{int(s)} steps: swd / cond_acc" for s in steps) + " |",
-             "|---|" + "---|" * len(steps)]
-    for name in dict.fromkeys(names):
-        lines.append(f"| {name} | " + " | ".join(f"{cells[(name, int(s))]['swd']:.4f} / {cells[(name, int(s))]['cond_acc']:.3f}"
-                                                 for s in steps) + " |")
+    names = dict.fromkeys(r["sampler"] for r in rows if "cfg=" in r["sampler"])
+    fmt = lambda r: f"{r['swd']:.4f} / {r['cond_acc']:.3f}"
+    lines = ["| model, CFG | " + " | ".join(f"{s} steps: swd / cond_acc" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    lines += [f"| {name} | " + " | ".join(fmt(cells[(name, s)]) for s in steps) + " |" for name in names]
+    lines.append(f"| distilled, schnell's sampler (4 unshifted steps, no CFG) | {fmt(cells[('distilled schnell-sampler', 4)])} |")
+    lines.append(f"| data (fresh samples) | {fmt(cells[('data', 0)])} |")
     return "\n".join(lines)
 
 
