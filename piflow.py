@@ -41,9 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (DataSource, Logger, NetTeacher, autocast, barrier, bench, broadcast_module, build_backbone,
-                    check_finite, cleanup, ema_update, evaluate, fail, floats, flow_matching_loss, format_table,
-                    image_grid, init_from_teacher, is_main, load_training_state, maybe_compile, parse_config,
-                    prepare_out, print0, save_panels, save_training_state, setup_dist, teacher_for, wrap_ddp, write_json)
+                    check_finite, cleanup, ema_update, evaluate, evaluate_real, fail, floats, flow_matching_loss,
+                    format_table, init_from_teacher, is_main, load_training_state, maybe_compile, parse_config,
+                    prepare_out, print0, save_training_state, setup_dist, teacher_for, wrap_ddp)
 
 
 @dataclass
@@ -371,6 +371,8 @@ def check_config(cfg, world):
         fail("--lr must be positive; --steps, --mix-decay-iters and --window-substeps non-negative")
     if len(floats(cfg.guidance_interval)) != 2:
         fail(f"--guidance-interval takes two numbers 'lo,hi', got {cfg.guidance_interval!r}")
+    if bool(cfg.fid_ref) != bool(cfg.fid_weights):
+        fail("FID needs both --fid-ref (reference statistics) and --fid-weights (Inception weights)")
     return nfes
 
 
@@ -455,35 +457,11 @@ def train(cfg):
                             guidance=cfg.guidance, device=d.device)
             print0(format_table(rows))
         else:
-            evaluate_real(samplers, data, cfg, train_seconds, d.device)
+            evaluate_real(samplers, data.shape, data.num_classes, cfg, "piflow", train_seconds, d.device)
         print0(f"wrote {cfg.out}/ckpt.pt, metrics.json, samples.png ({train_seconds:.1f} s of training)")
     barrier()
     cleanup()
     return emas
-
-
-@torch.no_grad()
-def evaluate_real(samplers, data, cfg, train_seconds, device, batch=250):
-    """Real data: a sample grid per NFE, and FID against reference statistics when they are given."""
-    def draw(fn, n, offset=0):
-        z = torch.randn(n, *data.shape, device=device)
-        y = (torch.arange(offset, offset + n, device=device) % data.num_classes) if data.num_classes else None
-        return fn(z, y).clamp(-1, 1).cpu()
-    save_panels(os.path.join(cfg.out, "samples.png"),
-                [(f"student {s['nfe']} NFE", image_grid(draw(s["fn"], 64))) for s in samplers], scale=2)
-    results = []
-    if cfg.fid_ref or cfg.fid_weights:
-        if not (cfg.fid_ref and cfg.fid_weights):
-            fail("FID needs both --fid-ref (reference statistics) and --fid-weights (Inception weights)")
-        import eval_fid
-        for s in samplers:
-            x = torch.cat([draw(s["fn"], min(batch, cfg.fid_samples - i), i) for i in range(0, cfg.fid_samples, batch)])
-            fid = float(eval_fid.fid_of_samples(x, cfg.fid_ref, cfg.fid_weights, device=device))
-            results.append({"sampler": "student", "nfe": s["nfe"], "fid": fid})
-            print0(f"FID ({cfg.fid_samples} samples, {s['nfe']} NFE): {fid:.2f}")
-    write_json(os.path.join(cfg.out, "metrics.json"), {"method": "piflow", "data": cfg.data, "teacher": "learned",
-                                                       "steps": cfg.steps, "train_seconds": round(train_seconds, 2),
-                                                       "guidance": cfg.guidance, "results": results})
 
 
 def main():
