@@ -90,6 +90,7 @@ class Config:
     compile: bool = False
     bench: bool = False
     bench_data: str = "glyphs16"   # --bench times the steps on this data's backbone (the DiT trunk for images)
+    bench_batch: int = 64          # ... at this global batch
 
 
 def bc(v, like):
@@ -291,8 +292,8 @@ def critic_turn(critic_model, opt, x_fake, y_fake, x_real, y_real, cfg, step):
 # Training
 
 def check_config(cfg, world_size):
-    if cfg.batch % world_size:
-        fail(f"--batch {cfg.batch} is not divisible by the number of processes {world_size}")
+    if cfg.batch % world_size or cfg.bench_batch % world_size:
+        fail(f"--batch and --bench-batch must be divisible by the number of processes {world_size}")
     if cfg.steps_gen < 1 or cfg.ttur < 1:
         fail("--steps-gen and --ttur must be at least 1")
     if not 0 < cfg.dm_t_min < cfg.dm_t_max < 1:
@@ -315,7 +316,7 @@ def train(cfg):
     if cfg.guidance != 1 and not data.num_classes:
         fail("--guidance (CFG on the real score) needs class-conditional data")
     prepare_out(cfg)
-    batch = cfg.batch // d.world
+    batch = (cfg.bench_batch if cfg.bench else cfg.batch) // d.world
     arch = {"hidden": cfg.hidden, "depth": cfg.depth}
     if cfg.bench:  # timing only: an untrained network of the same architecture stands in for the teacher
         teacher_net = new_backbone(data.shape, data.num_classes, **arch).to(d.device)
