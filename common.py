@@ -1276,7 +1276,7 @@ class CompareConfig:
     seed: int = 0
     eval_samples: int = 4000
     out: str = "runs/compare"
-    rerun: bool = True         # --no-rerun reuses finished runs under --out (their metrics.json)
+    rerun: bool = True         # --no-rerun reuses finished runs and bench ratios under --out
 
 
 def _bench_rows(stdout):
@@ -1306,11 +1306,14 @@ def compare(cfg):
     columns = ["world", "sampler", "NFE", "swd", "mode_tv", "nll (data)", "ode_err", "cond_acc", "train s",
                "step cost (x FM)", "ms/sample", "teacher NFE at equal swd", "speed-up at equal swd"]
     table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    costs = {}
+    costs_path = os.path.join(cfg.out, "bench.json")
+    costs = json.load(open(costs_path)) if os.path.isfile(costs_path) and not cfg.rerun else {}
     for method in _names(cfg.methods):
-        r = subprocess.run([sys.executable, os.path.join(here, f"{method}.py"), "--bench"], capture_output=True, text=True)
-        rows = _bench_rows(r.stdout)  # row 0 is the flow-matching baseline, row 1 the method's step
-        costs[method] = rows[1][2] if r.returncode == 0 and len(rows) > 1 else float("nan")
+        if method not in costs:
+            r = subprocess.run([sys.executable, os.path.join(here, f"{method}.py"), "--bench"], capture_output=True, text=True)
+            rows = _bench_rows(r.stdout)  # row 0 is the flow-matching baseline, row 1 the method's step
+            costs[method] = rows[1][2] if r.returncode == 0 and len(rows) > 1 else float("nan")
+            write_json(costs_path, costs)
         print(f"{method} --bench: one step costs {costs[method]:.2f}x a flow-matching step", flush=True)
     for world in _names(cfg.worlds):
         steps = cfg.image_steps if len(make_world(world).shape) == 3 else cfg.steps
