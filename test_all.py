@@ -49,6 +49,24 @@ def small_labelled_world(dim=5, k=6, seed=0):
                                   labels=np.arange(k) % 3)
 
 
+def quick_teacher_fit(tmp):
+    """common.fit_to_world with a short fit and a private cache (the fit's quality does not matter here)."""
+    full = common.fit_to_world
+    return full, lambda world, arch_kwargs=None, device="cpu", **kw: full(world, arch_kwargs, steps=200, device=device,
+                                                                           cache_dir=os.path.join(tmp, "cache"))
+
+
+def labelled_mixture_and_teacher(tmp, **arch):
+    """A class-conditional 2D mixture saved as mix.npz and an (untrained) learned-teacher checkpoint
+    teacher.pt for it, in tmp: the inputs of the DDP smoke runs. Returns (mix path, teacher path)."""
+    world = small_labelled_world(dim=2)
+    np.savez(os.path.join(tmp, "mix.npz"), weights=world.weights.numpy(), means=world.means.numpy(),
+             stds=world.stds.numpy(), labels=world.labels.numpy())
+    net = common.new_backbone(world.shape, world.num_classes, hidden=32, depth=2, **arch)
+    common.save_checkpoint(os.path.join(tmp, "teacher.pt"), {"backbone": net._spec, "ema": net.state_dict()})
+    return os.path.join(tmp, "mix.npz"), os.path.join(tmp, "teacher.pt")
+
+
 # ---------------------------------------------------------------------------------------------------
 # common.py: the Gaussian-mixture world
 
@@ -685,13 +703,6 @@ def test_freeflow_correction_gradient_moves_one_step_samples_toward_the_data():
         assert abs(s_new - s_p) < abs(s_q - s_p)
 
 
-def quick_teacher_fit(tmp):
-    """common.fit_to_world with a short fit and a private cache (the fit's quality does not matter here)."""
-    full = common.fit_to_world
-    return full, lambda world, arch_kwargs=None, device="cpu", **kw: full(world, arch_kwargs, steps=200, device=device,
-                                                                           cache_dir=os.path.join(tmp, "cache"))
-
-
 def small_freeflow_config(out, **kw):
     return freeflow.Config(**{"out": out, "hidden": 32, "depth": 2, "batch": 128, "steps": 60, "lr": 1e-3, "fake_lr": 1e-3,
                               "log_every": 20, "ckpt_every": 60, "eval_samples": 300, "device": "cpu", **kw})
@@ -766,11 +777,7 @@ def test_freeflow_torchrun_two_processes_class_conditional_learned_teacher():
     """DDP smoke run on a class-conditional mixture (CFG scale as a student input) with a learned
     teacher checkpoint: both ranks train, rank 0 alone writes."""
     with tempfile.TemporaryDirectory() as tmp:
-        world = small_labelled_world(dim=2)
-        np.savez(os.path.join(tmp, "mix.npz"), weights=world.weights.numpy(), means=world.means.numpy(),
-                 stds=world.stds.numpy(), labels=world.labels.numpy())
-        net = common.new_backbone(world.shape, world.num_classes, hidden=32, depth=2)
-        common.save_checkpoint(os.path.join(tmp, "teacher.pt"), {"backbone": net._spec, "ema": net.state_dict()})
+        labelled_mixture_and_teacher(tmp)
         out = os.path.join(tmp, "run")
         r = torchrun(["freeflow.py", "--data", os.path.join(tmp, "mix.npz"), "--teacher", os.path.join(tmp, "teacher.pt"),
                       "--steps", "20", "--batch", "64", "--eval-samples", "300", "--guidance", "2", "--out", out,
@@ -929,13 +936,6 @@ def test_dmd2_backward_simulation_runs_without_gradient_and_only_the_last_step_h
     assert torch.equal(t_ab, torch.tensor(times)[k_each]) and torch.allclose(x_ab, (1 - t_ab[:, None]) * x_real + t_ab[:, None] * z)
 
 
-def dmd2_quick_fit(tmp):
-    """common.fit_to_world with a short fit and a private cache (the fit's quality does not matter here)."""
-    full = common.fit_to_world
-    return full, lambda world, arch_kwargs=None, device="cpu", **kw: full(world, arch_kwargs, steps=200, device=device,
-                                                                           cache_dir=os.path.join(tmp, "cache"))
-
-
 def small_dmd2_config(out, **kw):
     return dmd2.Config(**{"out": out, "hidden": 32, "depth": 2, "batch": 128, "steps": 60, "lr": 3e-4, "ttur": 5,
                           "log_every": 20, "ckpt_every": 30, "eval_samples": 300, "device": "cpu", **kw})
@@ -943,7 +943,7 @@ def small_dmd2_config(out, **kw):
 
 def test_dmd2_short_run_ttur_counts_fake_score_learns_and_resumes_exactly():
     with tempfile.TemporaryDirectory() as tmp:
-        full, common.fit_to_world = dmd2_quick_fit(tmp)
+        full, common.fit_to_world = quick_teacher_fit(tmp)
         try:
             dmd2.train(small_dmd2_config(os.path.join(tmp, "run")))
             teacher_net = common.fit_to_world(common.make_world("checkerboard"), {"hidden": 32, "depth": 2})
@@ -998,11 +998,7 @@ def test_dmd2_torchrun_two_processes_multistep_gan_cfg_learned_teacher():
     """DDP smoke run: a class-conditional mixture, a learned teacher checkpoint, CFG on the real score,
     a 2-step generator with backward simulation and the GAN head; rank 0 alone writes."""
     with tempfile.TemporaryDirectory() as tmp:
-        world = small_labelled_world(dim=2)
-        np.savez(os.path.join(tmp, "mix.npz"), weights=world.weights.numpy(), means=world.means.numpy(),
-                 stds=world.stds.numpy(), labels=world.labels.numpy())
-        net = common.new_backbone(world.shape, world.num_classes, hidden=32, depth=2)
-        common.save_checkpoint(os.path.join(tmp, "teacher.pt"), {"backbone": net._spec, "ema": net.state_dict()})
+        labelled_mixture_and_teacher(tmp)
         out = os.path.join(tmp, "run")
         r = torchrun(["dmd2.py", "--data", os.path.join(tmp, "mix.npz"), "--teacher", os.path.join(tmp, "teacher.pt"),
                       "--steps", "20", "--batch", "64", "--eval-samples", "300", "--guidance", "2", "--steps-gen", "2",
@@ -1181,13 +1177,6 @@ def test_piflow_student_starts_from_the_teacher():
         assert 0.01 < float((noisy - u[:, None]).detach().std()) < 0.1  # the symmetry-breaking noise is there
 
 
-def piflow_quick_fit(tmp):
-    """common.fit_to_world with a short fit and a private cache (the fit's quality does not matter here)."""
-    full = common.fit_to_world
-    return full, lambda world, arch_kwargs=None, device="cpu", **kw: full(world, arch_kwargs, steps=200, device=device,
-                                                                           cache_dir=os.path.join(tmp, "cache"))
-
-
 def small_piflow_config(out, **kw):
     # lr 1e-3: the reference's 5e-5 is tuned for 140k iterations and barely moves a fresh GM head in 60
     # steps (1-NFE pi-ID loss -17 %); the GM policy trains stably at 1e-3 on this toy (piflow.Config note)
@@ -1208,7 +1197,7 @@ def fixed_piid_loss(student, teacher, world, nfe, cfg):
 
 def test_piflow_short_run_lowers_the_loss_resumes_exactly_and_samples():
     with tempfile.TemporaryDirectory() as tmp:
-        full, common.fit_to_world = piflow_quick_fit(tmp)
+        full, common.fit_to_world = quick_teacher_fit(tmp)
         try:
             cfg = small_piflow_config(os.path.join(tmp, "run"))
             emas = piflow.train(cfg)
@@ -1244,11 +1233,7 @@ def test_piflow_torchrun_two_processes_datafree_gm_and_dx_with_cfg():
     trainer (several backward passes per step) with the GM policy and the window / mixing options, where
     both ranks train and rank 0 alone writes; and the DX policy in this process."""
     with tempfile.TemporaryDirectory() as tmp:
-        world = small_labelled_world(dim=2)
-        np.savez(os.path.join(tmp, "mix.npz"), weights=world.weights.numpy(), means=world.means.numpy(),
-                 stds=world.stds.numpy(), labels=world.labels.numpy())
-        net = common.new_backbone(world.shape, world.num_classes, hidden=32, depth=2)
-        common.save_checkpoint(os.path.join(tmp, "teacher.pt"), {"backbone": net._spec, "ema": net.state_dict()})
+        labelled_mixture_and_teacher(tmp)
         args = {"data": os.path.join(tmp, "mix.npz"), "teacher": os.path.join(tmp, "teacher.pt"), "steps": 20, "batch": 64,
                 "nfes": "1,2", "total_substeps": 32, "eval_samples": 300, "guidance": 2.0, "log_every": 10}
         gm_out, dx_out = os.path.join(tmp, "gm"), os.path.join(tmp, "dx")
@@ -1728,11 +1713,7 @@ def test_scm_torchrun_two_processes_learned_teacher_with_drawn_guidance():
     """DDP smoke run: class-conditional mixture, learned teacher checkpoint, CFG scale drawn per example
     and fed to the student, 2-step sampler; rank 0 alone logs and writes."""
     with tempfile.TemporaryDirectory() as tmp:
-        world = small_labelled_world(dim=2)
-        np.savez(os.path.join(tmp, "mix.npz"), weights=world.weights.numpy(), means=world.means.numpy(),
-                 stds=world.stds.numpy(), labels=world.labels.numpy())
-        net = common.new_backbone(world.shape, world.num_classes, hidden=32, depth=2, norm="adn")
-        common.save_checkpoint(os.path.join(tmp, "teacher.pt"), {"backbone": net._spec, "ema": net.state_dict()})
+        labelled_mixture_and_teacher(tmp, norm="adn")
         out = os.path.join(tmp, "run")
         r = torchrun(["scm.py", "--data", os.path.join(tmp, "mix.npz"), "--teacher", os.path.join(tmp, "teacher.pt"),
                       "--steps", "20", "--batch", "64", "--eval-samples", "300", "--guidance", "2",
