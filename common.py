@@ -1316,14 +1316,15 @@ def compare(cfg):
             write_json(costs_path, costs)
         print(f"{method} --bench: one step costs {costs[method]:.2f}x a flow-matching step", flush=True)
     for world in _names(cfg.worlds):
-        steps = cfg.image_steps if len(make_world(world).shape) == 3 else cfg.steps
+        image = len(make_world(world).shape) == 3
+        steps = cfg.image_steps if image else cfg.steps
         panels, teacher = [], []
         for method in _names(cfg.methods):
             out = os.path.join(cfg.out, world, method)
             if cfg.rerun or not os.path.isfile(os.path.join(out, "metrics.json")):
                 cmd = [sys.executable, os.path.join(here, f"{method}.py"), "--data", world, "--steps", str(steps),
                        "--seed", str(cfg.seed), "--eval-samples", str(cfg.eval_samples), "--out", out]
-                cmd += cfg.image_args.split() if len(make_world(world).shape) == 3 else []
+                cmd += cfg.image_args.split() if image else []
                 print(" ".join(cmd[1:]), flush=True)
                 r = subprocess.run(cmd, capture_output=True, text=True)
                 if r.returncode != 0:

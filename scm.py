@@ -78,7 +78,7 @@ class Config:
     depth: int = 4
     time_scale: float = 10.0       # with --teacher gmm: frequency scale of the fitted network's sinusoidal time input.
                                    # §4.1 / Eq. 7: dF/dt grows with it. Measured on the default run: at the trunk's
-                                   # usual 1000 the time part of the tangent blew up (rms ~300) and the samples
+                                   # usual 1000 the time part of the tangent blew up (rms up to ~390) and the samples
                                    # collapsed (1-NFE swd 0.32); at 1 training is stable but t near pi/2 is poorly
                                    # resolved (1-NFE swd 0.31); 10 gives 1-NFE swd 0.06
     eval_samples: int = 4000
@@ -259,6 +259,8 @@ def check_config(cfg, world_size):
         fail("--jvp must be jvp or fd, and --tangent-norm l2 or rms")
     if (cfg.bench_batch if cfg.bench else cfg.batch) % world_size:
         fail(f"--batch / --bench-batch must be divisible by the number of processes {world_size}")
+    if bool(cfg.fid_ref) != bool(cfg.fid_weights):
+        fail("FID needs both --fid-ref (reference statistics) and --fid-weights (Inception weights)")
     if cfg.sigma_d <= 0 or cfg.sigma_max <= 0 or cfg.tangent_c < 0 or cfg.p_std <= 0:
         fail("--sigma-d, --sigma-max and --p-std must be positive and --tangent-c non-negative")
     times = [math.atan(cfg.sigma_max / cfg.sigma_d)] + floats(cfg.mid_times)
