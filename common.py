@@ -1096,9 +1096,11 @@ TEACHER_NFES = (1, 2, 4, 8, 16, 32)
 @torch.no_grad()
 def evaluate(samplers, world, teacher, cfg, out, method, train_seconds, teacher_name="gmm", n=4000, guidance=1.0,
              batch=1000, device="cpu", picture_teacher_nfe=32):
-    """Score a list of samplers [{"sampler", "nfe", "fn": (z, y) -> x, "ode": bool}] next to the
-    teacher's Euler sampler at 1..32 NFE and the data itself, on the same noise and labels; write
-    metrics.json and samples.png. Rank 0 only. Returns the rows."""
+    """Score a list of samplers [{"sampler", "nfe", "fn": (z, y) -> x, "ode": bool, "target": x}] next to
+    the teacher's Euler sampler at 1..32 NFE and the data itself, on the same noise and labels; write
+    metrics.json and samples.png. An optional "target" holds n samples (labels arange(n) % classes) of the
+    law the sampler aims at when that is not the data (e.g. a CFG-guided law); it adds swd_target.
+    Rank 0 only. Returns the rows."""
     gen = torch.Generator().manual_seed(1234)  # the same evaluation noise for every method
     z = torch.randn(n, *world.shape, generator=gen)
     y = torch.arange(n) % world.num_classes if world.num_classes else None
@@ -1118,8 +1120,10 @@ def evaluate(samplers, world, teacher, cfg, out, method, train_seconds, teacher_
     rows, pictures = [], [("data", sample_picture(data_other, world.shape))]
     for s in samplers:
         x, ms = run(s["fn"])
-        rows.append({"sampler": s["sampler"], "nfe": s["nfe"], **world_metrics(x, world, y, reference, ode_ref if s.get("ode") else None),
-                     "ms_per_sample": ms})
+        row = {"sampler": s["sampler"], "nfe": s["nfe"], **world_metrics(x, world, y, reference, ode_ref if s.get("ode") else None)}
+        if s.get("target") is not None:
+            row["swd_target"] = swd(x, s["target"])
+        rows.append({**row, "ms_per_sample": ms})
         pictures.append((f"{s['sampler']} {s['nfe']} NFE", sample_picture(x, world.shape)))
     for nfe in TEACHER_NFES:
         x, ms = run(lambda zz, yy: euler_sample(teacher.velocity, zz, nfe, yy, guidance))
@@ -1135,7 +1139,7 @@ def evaluate(samplers, world, teacher, cfg, out, method, train_seconds, teacher_
 
 
 def format_table(rows):
-    keys = ["sampler", "nfe", "swd", "mode_tv", "nll", "ode_err", "cond_acc", "ms_per_sample"]
+    keys = ["sampler", "nfe", "swd", "swd_target", "mode_tv", "nll", "ode_err", "cond_acc", "ms_per_sample"]
     keys = [k for k in keys if any(k in r for r in rows)]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:

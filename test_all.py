@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 import warnings
 
 import numpy as np
@@ -191,6 +192,22 @@ def test_metrics_respond_to_distribution_errors():
     collapsed = world.means[torch.zeros(2000, dtype=torch.long)].float()  # everything at one mode
     assert common.mode_tv(collapsed, world) > 0.8 and common.mode_tv(b, world) < 0.1
     assert common.mean_nll(collapsed, world) < common.mean_nll(b, world)  # why nll is shown next to the data's value
+
+
+def test_evaluate_scores_a_sampler_against_its_own_target_law():
+    """A sampler's optional "target" samples give swd_target (distance to the law it aims at, e.g. a guided
+    one): small when the sampler draws that law, large when the target is another law; absent otherwise."""
+    world = common.make_world("8gaussians")
+    target, _ = world.sample(1000, generator=torch.Generator().manual_seed(5))
+    draw = lambda z, y: world.sample(len(z), generator=torch.Generator().manual_seed(len(z)))[0]
+    samplers = [{"sampler": "right", "nfe": 1, "fn": draw, "target": target},
+                {"sampler": "wrong", "nfe": 1, "fn": draw, "target": target + 1.0},
+                {"sampler": "none", "nfe": 1, "fn": draw}]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = common.evaluate(samplers, world, world, types.SimpleNamespace(steps=0), tmp, "test", 0.0, n=1000)
+    by = {r["sampler"]: r for r in rows}
+    assert by["right"]["swd_target"] < 0.15 < 0.6 < by["wrong"]["swd_target"], (by["right"], by["wrong"])
+    assert all("swd_target" not in r for r in rows if r["sampler"] not in ("right", "wrong"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1473,6 +1490,8 @@ def test_undistill_flux_toy_pipeline_torchrun_two_processes():
         assert names == [("distilled schnell-sampler", 4), ("distilled cfg=1", 2), ("distilled cfg=3", 2),
                          ("undistilled cfg=1", 2), ("undistilled cfg=3", 2)], names
         assert all(math.isfinite(row["swd"]) and 0 <= row["cond_acc"] <= 1 for row in rows)
+        # every model and exact row is also scored against the exact guided law of its CFG scale
+        assert all(math.isfinite(row["swd_target"]) for row in rows if "cfg=" in row["sampler"] or "schnell" in row["sampler"])
         steps = [json.loads(l)["step"] for l in open(os.path.join(out, "log.jsonl")) if "loss" in l]
         assert steps == [3, 6] and r.stdout.count("wrote ") == 1  # rank 0 alone logs and writes
         assert len(load_file(os.path.join(out, "adapter.safetensors"))) == 3 * 34  # A, B, alpha on each of the 34 linears

@@ -25,8 +25,9 @@ The embedded default (CPU) reproduces the situation in miniature and measures it
      in; unlike schnell it was distilled by trajectory regression, not by adversarial diffusion
      distillation (whose details BFL did not publish). Cached under runs/cache;
   3. its un-distillation with LoRA or LoKr, flow matching on the world's samples, caption dropout, masking;
-  4. a table before/after: 4, 8, 32 Euler steps x CFG 1, 2, 4 with swd and cond_acc, next to the exact
-     teacher on the same grid with the same CFG (CFG itself moves samples off the data law, raising swd).
+  4. a table before/after: 4, 8, 32 Euler steps x CFG 1, 2, 4 with swd, cond_acc and swd_target (to the
+     exact CFG-guided law), next to the exact teacher on the same grid with the same CFG (CFG itself moves
+     samples off the data law, raising swd).
 
     python undistill_flux.py                              # the toy default, ~380 s of CPU (one core)
     python undistill_flux.py --adapter lokr               # LoKr instead of LoRA (factor 4)
@@ -999,26 +1000,36 @@ def evaluate_toy(cfg, world, text, before, after, train_seconds, device):
         return fn
 
     grid, cfgs = [int(s) for s in floats(cfg.eval_steps)], floats(cfg.eval_cfgs)
-    samplers = [{"sampler": "distilled schnell-sampler", "nfe": 4, "fn": sampler(before.eval(), 4, 1.0, "none", False)}]
-    samplers += [{"sampler": f"{name} cfg={w:g}", "nfe": steps, "fn": sampler(model, steps, w, mask, cfg.time_shift)}
+    # the law CFG w should sample: the analytic teacher's guided ODE, solved accurately from other noise
+    # (swd_target: does CFG on this model move its samples toward the guided law, or only off the data?)
+    n = cfg.eval_samples
+    z_target = torch.randn(n, *world.shape, generator=torch.Generator().manual_seed(777)).to(device)
+    labels = (torch.arange(n) % world.num_classes).to(device)
+    guided = {w: reference_ode(world.velocity, z_target, labels, w)[0].cpu() for w in {*cfgs, cfg.distill_guidance}}
+    samplers = [{"sampler": "distilled schnell-sampler", "nfe": 4, "fn": sampler(before.eval(), 4, 1.0, "none", False),
+                 "target": guided[cfg.distill_guidance]}]  # it was distilled from the CFG-distill_guidance teacher
+    samplers += [{"sampler": f"{name} cfg={w:g}", "nfe": steps, "fn": sampler(model, steps, w, mask, cfg.time_shift),
+                  "target": guided[w]}
                  for name, model, mask in (("distilled", before, "none"), ("undistilled", merged, cfg.mask))
                  for w in cfgs for steps in grid]
 
     def exact(steps, w):  # the analytic teacher, same grid and CFG: what guidance itself costs in swd
         return lambda z, y: euler_sample(world.velocity, z, steps, y, w, time_grid(steps, cfg.time_shift, z[0].numel() // 16).float())
-    samplers += [{"sampler": f"exact cfg={w:g}", "nfe": steps, "fn": exact(steps, w)} for w in cfgs for steps in grid]
-    rows = evaluate(samplers, world, world, cfg, cfg.out, "undistill_flux", train_seconds, n=cfg.eval_samples,
-                    batch=cfg.eval_samples, device=device)
+    samplers += [{"sampler": f"exact cfg={w:g}", "nfe": steps, "fn": exact(steps, w), "target": guided[w]}
+                 for w in cfgs for steps in grid]
+    rows = evaluate(samplers, world, world, cfg, cfg.out, "undistill_flux", train_seconds, n=n, batch=n, device=device)
     print0(format_table(rows))
     print0(headline_table(rows, grid))
 
 
 def headline_table(rows, steps):
-    """swd / cond_acc per (model, CFG) row and Euler-step column; schnell's own sampler and the data below."""
+    """swd / cond_acc / swd_target per (model, CFG) row and Euler-step column; schnell's own sampler and the
+    data below (the data row has no guided target)."""
     cells = {(r["sampler"], r["nfe"]): r for r in rows}
     names = dict.fromkeys(r["sampler"] for r in rows if "cfg=" in r["sampler"])
-    fmt = lambda r: f"{r['swd']:.4f} / {r['cond_acc']:.3f}"
-    lines = ["| model, CFG | " + " | ".join(f"{s} steps: swd / cond_acc" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    fmt = lambda r: f"{r['swd']:.4f} / {r['cond_acc']:.3f}" + (f" / {r['swd_target']:.4f}" if "swd_target" in r else "")
+    lines = ["| model, CFG | " + " | ".join(f"{s} steps: swd / cond_acc / swd_target" for s in steps) + " |",
+             "|---|" + "---|" * len(steps)]
     lines += [f"| {name} | " + " | ".join(fmt(cells[(name, s)]) for s in steps) + " |" for name in names]
     lines.append(f"| distilled, schnell's sampler (4 unshifted steps, no CFG) | {fmt(cells[('distilled schnell-sampler', 4)])} |")
     lines.append(f"| data (fresh samples) | {fmt(cells[('data', 0)])} |")
