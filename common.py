@@ -15,9 +15,11 @@ Train a flow-matching teacher (the learned counterpart of the analytic mixture t
     torchrun --standalone --nproc_per_node=8 common.py teacher --data /datasets/cifar10 ...
 """
 import argparse
+import atexit
 import contextlib
 import copy
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -70,6 +72,9 @@ def setup_dist(device="auto", seed=0):
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # DDP wrappers outlive train() through reference cycles; left to the interpreter's final teardown,
+        # their process-group state can abort a finished run (SIGABRT). Free them while Python is alive.
+        atexit.register(gc.collect)
     DIST = Dist(rank, local_rank, world, device, seed)
     seed_all(seed + rank)  # different noise per rank, reproducible per (seed, rank)
     return DIST
