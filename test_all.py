@@ -1475,6 +1475,37 @@ def test_undistill_flux_shards_resume_exactly_sampling_mode_and_bad_input():
         assert "Traceback" not in r.stderr and not os.path.exists(os.path.join(tmp, "c", "ckpt.pt"))
 
 
+def test_undistill_flux_fsdp_full_finetune_matches_ddp_resumes_exactly_and_runs_the_toy():
+    """--adapter full --fsdp (FSDP2 over 2 processes) takes the same steps as DDP full fine-tuning on the same
+    per-rank shards, resumes exactly from its gathered checkpoint, and the toy's table runs after it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data, base = os.path.join(tmp, "shards"), os.path.join(tmp, "base.safetensors")
+        write_tiny_shards(data)
+        save_file(random_tiny_flux().state_dict(), base)
+
+        def go(out, *flags):
+            r = torchrun(["undistill_flux.py", "--data", data, "--base", base, "--adapter", "full", "--batch", "16",
+                          "--lr", "1e-3", "--lr-warmup", "1", "--log-every", "3", "--out", os.path.join(tmp, out), *flags])
+            assert r.returncode == 0, r.stderr[-2000:]
+            return load_file(os.path.join(tmp, out, "transformer.safetensors"))
+        ddp, fsdp = go("ddp", "--steps", "6"), go("fsdp", "--steps", "6", "--fsdp")
+        go("resumed", "--steps", "3", "--ckpt-every", "3", "--fsdp")
+        resumed = go("resumed", "--steps", "6", "--ckpt-every", "3", "--fsdp", "--resume")
+        start = load_file(base)
+        assert fsdp.keys() == ddp.keys() == start.keys()
+        moved = max(float((fsdp[k] - start[k]).abs().max()) for k in start)
+        gap = max(float((fsdp[k] - ddp[k]).abs().max()) for k in start)
+        assert moved > 1e-3 and gap < 1e-3 * moved, (moved, gap)  # grad clipping is active at these norms
+        assert all(torch.allclose(resumed[k], fsdp[k], rtol=0, atol=1e-6) for k in fsdp), "FSDP resume is not exact"
+        r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                 os.path.join(HERE, "undistill_flux.py"), "--adapter", "full", "--fsdp", "--distill-steps", "8",
+                 "--distill-pool", "64", "--steps", "4", "--batch", "16", "--eval-samples", "20", "--eval-steps", "2",
+                 "--eval-cfgs", "1,3", "--out", os.path.join(tmp, "toy")], cwd=tmp)
+        assert r.returncode == 0, r.stderr[-2000:]
+        rows = json.load(open(os.path.join(tmp, "toy", "metrics.json")))["results"]
+        assert [row["sampler"] for row in rows if row["sampler"].startswith("undistilled")] == ["undistilled cfg=1", "undistilled cfg=3"]
+
+
 def test_undistill_flux_toy_pipeline_torchrun_two_processes():
     """The embedded default end to end, shrunk (distillation, LoRA un-distillation, the table) under DDP."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -972,6 +972,11 @@ def train(cfg):
     train_seconds = time.time() - t_start
     if is_main() and cfg.save_merged and not cfg.fsdp:
         save_safetensors(merge_adapters(copy.deepcopy(model)).state_dict(), os.path.join(cfg.out, "merged.safetensors"))
+    if toy and cfg.fsdp:  # FSDP modules cannot be deep-copied: the table samples an unsharded copy
+        full_state, _ = fsdp_state(net, opt)  # collective; the full state lands on rank 0
+        if is_main():
+            model = Flux(**params).to(d.device)
+            model.load_state_dict(full_state)
     if is_main() and toy:
         evaluate_toy(cfg, world, text, before, model, train_seconds, d.device)
     elif is_main():
