@@ -1475,6 +1475,33 @@ def test_undistill_flux_shards_resume_exactly_sampling_mode_and_bad_input():
         assert "Traceback" not in r.stderr and not os.path.exists(os.path.join(tmp, "c", "ckpt.pt"))
 
 
+def test_undistill_flux_grad_ckpt_same_gradients_and_bf16_base_trains_fp32_adapters():
+    """--grad-ckpt recomputes the blocks without changing a gradient; --bf16 keeps the base in bf16 and the
+    LoRA factors in fp32, and a short run on shards trains with finite losses."""
+    model = random_tiny_flux().train()
+    x, t, cond = tiny_inputs(3)
+    grads = []
+    for ckpt in (False, True):
+        model.grad_ckpt = ckpt
+        model.zero_grad()
+        uf.predict(model, x, t, cond, "bool").square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7) for n in grads[0])
+    assert all(g.abs().sum() > 0 for n, g in grads[0].items() if "guidance" not in n)
+    with tempfile.TemporaryDirectory() as tmp:
+        data, base = os.path.join(tmp, "shards"), os.path.join(tmp, "base.safetensors")
+        write_tiny_shards(data)
+        save_file(random_tiny_flux().state_dict(), base)
+        trained = uf.train(uf.Config(data=data, base=base, adapter="lora", bf16=True, grad_ckpt=True, steps=4, batch=8,
+                                     log_every=2, out=os.path.join(tmp, "run"), device="cpu"))
+        assert {p.dtype for n, p in trained.named_parameters() if "lora" not in n} == {torch.bfloat16}
+        adapters = load_file(os.path.join(tmp, "run", "adapter.safetensors"))
+        assert {v.dtype for v in adapters.values()} == {torch.float32}
+        assert any(v.abs().sum() > 0 for k, v in adapters.items() if k.endswith("lora_B"))  # B = 0 has moved
+        losses = [json.loads(l)["loss"] for l in open(os.path.join(tmp, "run", "log.jsonl"))]
+        assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
 def test_undistill_flux_fsdp_full_finetune_matches_ddp_resumes_exactly_and_runs_the_toy():
     """--adapter full --fsdp (FSDP2 over 2 processes) takes the same steps as DDP full fine-tuning on the same
     per-rank shards, resumes exactly from its gathered checkpoint, and the toy's table runs after it."""
