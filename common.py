@@ -995,6 +995,10 @@ def maybe_compile(model, enabled):
 
 
 def prepare_out(cfg):
+    """Check the flags the method files share, then create --out: every method calls this before its
+    first write, so a bad pair fails with nothing written."""
+    if bool(getattr(cfg, "fid_ref", "")) != bool(getattr(cfg, "fid_weights", "")):
+        fail("FID needs both --fid-ref (reference statistics) and --fid-weights (Inception weights)")
     if is_main():
         os.makedirs(cfg.out, exist_ok=True)
     barrier()

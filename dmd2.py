@@ -305,8 +305,6 @@ def check_config(cfg, world_size):
              "would hand G the gradient of a random classifier")
     if cfg.dm_t_dist not in ("uniform", "karras"):
         fail(f"--dm-t-dist must be uniform or karras, got {cfg.dm_t_dist!r}")
-    if bool(cfg.fid_ref) != bool(cfg.fid_weights):
-        fail("FID needs both --fid-ref (reference statistics) and --fid-weights (Inception weights)")
 
 
 def train(cfg):

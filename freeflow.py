@@ -222,8 +222,6 @@ def train(cfg):
         fail(f"--batch {cfg.batch} is not divisible by the number of processes {d.world}")
     if not 0 < cfg.pred_frac < 1 or cfg.delta_power <= 0 or cfg.fake_updates < 1:
         fail("--pred-frac must be in (0, 1), --delta-power positive and --fake-updates at least 1")
-    if bool(cfg.fid_ref) != bool(cfg.fid_weights):
-        fail("FID needs both --fid-ref (reference statistics) and --fid-weights (Inception weights)")
     prepare_out(cfg)
     batch = cfg.batch // d.world
     teacher, teacher_net, world = load_teacher(cfg, d.device)

@@ -259,8 +259,6 @@ def check_config(cfg, world_size):
         fail("--jvp must be jvp or fd, and --tangent-norm l2 or rms")
     if (cfg.bench_batch if cfg.bench else cfg.batch) % world_size:
         fail(f"--batch / --bench-batch must be divisible by the number of processes {world_size}")
-    if bool(cfg.fid_ref) != bool(cfg.fid_weights):
-        fail("FID needs both --fid-ref (reference statistics) and --fid-weights (Inception weights)")
     if cfg.sigma_d <= 0 or cfg.sigma_max <= 0 or cfg.tangent_c < 0 or cfg.p_std <= 0:
         fail("--sigma-d, --sigma-max and --p-std must be positive and --tangent-c non-negative")
     times = [math.atan(cfg.sigma_max / cfg.sigma_d)] + floats(cfg.mid_times)
