@@ -917,7 +917,8 @@ class Logger:
         if self.main:
             self.file.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in scalars.items()}}) + "\n")
             self.file.flush()
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in list(scalars.items())[:4]})
+            # refresh=False: shown at the next redraw mininterval allows (a redraw per log would flood a non-tty log)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in list(scalars.items())[:4]}, refresh=False)
         return scalars
 
     def close(self):

@@ -328,6 +328,21 @@ class tarfile_of:
 # ---------------------------------------------------------------------------------------------------
 # common.py: the teacher trainer, resume, distributed, CLI errors
 
+def test_logger_does_not_redraw_its_bar_per_log_line_off_a_tty():
+    """On a pipe the bar redraws at most every 10 s; 300 log calls must not print 300 bars (the postfix
+    used to force a redraw each time). The jsonl log still gets every line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        code = ("import common\nlog = common.Logger(%r, total=300)\n"
+                "for i in range(300):\n    log.step()\n    log.log(i + 1, {'loss': 1.0 / (i + 1)})\nlog.close()" % tmp)
+        r = run([sys.executable, "-c", code])
+        assert r.returncode == 0, r.stderr
+        draws = r.stderr.count("\r") + r.stderr.count("\n")
+        assert 1 <= draws <= 10, f"{draws} bar draws for 300 log lines: {r.stderr[-300:]!r}"
+        assert "300/300" in r.stderr, r.stderr[-300:]
+        with open(os.path.join(tmp, "log.jsonl")) as f:
+            assert len(f.readlines()) == 300
+
+
 def test_teacher_resume_is_bit_exact():
     with tempfile.TemporaryDirectory() as tmp:
         base = dict(steps=12, ckpt_every=6, log_every=6, eval_samples=200, batch=64, hidden=32, depth=2)

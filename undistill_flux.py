@@ -822,7 +822,7 @@ def distilled_toy_schnell(cfg, world, text, device):
             opt.step()
             if (step + 1) % cfg.log_every == 0:
                 log.write(json.dumps({"distill_step": step + 1, "distill_loss": round(loss.item(), 6)}) + "\n")
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         log.close()
         save_safetensors(model.state_dict(), path)
     barrier()
