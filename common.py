@@ -616,7 +616,7 @@ class MLPTrunk(Trunk):
         features = None
         for i, block in enumerate(self.blocks):
             h = block(h, c)
-            if i == len(self.blocks) // 2 - 1:
+            if i == max(len(self.blocks) // 2, 1) - 1:  # the middle block's output (the only one at depth 1)
                 features = h
         z, _ = self.out_mod(h, c)
         out = self.out(z)
@@ -691,7 +691,7 @@ class DiTTrunk(Trunk):
         features = None
         for i, block in enumerate(self.blocks):
             h = block(h, c)
-            if i == len(self.blocks) // 2 - 1:
+            if i == max(len(self.blocks) // 2, 1) - 1:
                 features = h.mean(1)
         z, _ = self.out_mod(h, c)
         out = self.out(z).reshape(B, n, n, self.out_channels, p, p).permute(0, 3, 1, 4, 2, 5)
@@ -1161,24 +1161,38 @@ def format_table(rows):
 def evaluate_real(samplers, shape, num_classes, cfg, method, train_seconds, device, batch=250):
     """Real data (no exact world to score against): a sample grid per sampler, and FID against reference
     statistics when --fid-ref and --fid-weights are given (cfg.fid_samples, labels cycling over the
-    classes). Writes metrics.json and samples.png. Rank 0 only."""
-    def draw(fn, n, offset=0):
-        z = torch.randn(n, *shape, device=device)
+    classes). Every rank calls it: the FID batches are dealt out over the ranks, and the batch starting at
+    sample i draws all its noise (a stochastic sampler's too) after seeding with (seed, i), so the FID does
+    not depend on the number of ranks. Rank 0 writes metrics.json and samples.png."""
+    def draw(fn, n, offset):
+        torch.manual_seed(cfg.seed * 1_000_003 + offset)
+        z = torch.randn(n, *shape).to(device)
         y = (torch.arange(offset, offset + n, device=device) % num_classes) if num_classes else None
         return fn(z, y).clamp(-1, 1).float().cpu()
-    save_panels(os.path.join(cfg.out, "samples.png"),
-                [(f"{s['sampler']} {s['nfe']} NFE", image_grid(draw(s["fn"], 64))) for s in samplers], scale=2)
+    if is_main():
+        save_panels(os.path.join(cfg.out, "samples.png"),
+                    [(f"{s['sampler']} {s['nfe']} NFE", image_grid(draw(s["fn"], 64, 0))) for s in samplers], scale=2)
     results = []
     if cfg.fid_ref:
         import eval_fid
+        model = eval_fid.inception_model(cfg.fid_weights, device)
+        mu_ref, sigma_ref = eval_fid.stats_of(cfg.fid_ref, model, device=device)  # image references shard too
         for s in samplers:
-            x = torch.cat([draw(s["fn"], min(batch, cfg.fid_samples - i), i) for i in range(0, cfg.fid_samples, batch)])
-            fid = float(eval_fid.fid_of_samples(x, cfg.fid_ref, cfg.fid_weights, device=device))
+            sums = eval_fid.feature_sums([], model, device=device)  # zeros; this rank's batches add to them
+            for i in tqdm(range(0, cfg.fid_samples, batch)[DIST.rank::DIST.world], disable=not is_main(),
+                          desc=f"FID samples: {s['sampler']} {s['nfe']} NFE"):
+                images = eval_fid.quantize(draw(s["fn"], min(batch, cfg.fid_samples - i), i))
+                sums = [a + b for a, b in zip(sums, eval_fid.feature_sums(images, model, device=device))]
+            if DIST.world > 1:
+                for t in sums:
+                    dist.all_reduce(t)
+            fid = eval_fid.frechet_distance(*eval_fid.stats_from_sums(*sums, desc="FID samples"), mu_ref, sigma_ref)
             results.append({"sampler": s["sampler"], "nfe": s["nfe"], "fid": fid})
             print0(f"FID ({cfg.fid_samples} samples, {s['sampler']} {s['nfe']} NFE): {fid:.2f}")
-    write_json(os.path.join(cfg.out, "metrics.json"), {"method": method, "data": cfg.data, "teacher": "learned",
-                                                       "steps": cfg.steps, "train_seconds": round(train_seconds, 2),
-                                                       "guidance": getattr(cfg, "guidance", 1.0), "results": results})
+    if is_main():
+        write_json(os.path.join(cfg.out, "metrics.json"), {"method": method, "data": cfg.data, "teacher": "learned",
+                                                           "steps": cfg.steps, "train_seconds": round(train_seconds, 2),
+                                                           "guidance": getattr(cfg, "guidance", 1.0), "results": results})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -397,19 +397,19 @@ def train(cfg):
     logger.close()
     train_seconds = time.time() - t_start
 
-    if is_main():
-        net = ema if ema is not None else generator
-        samplers = [{"sampler": "student", "nfe": 1, "fn": lambda z, y: multistep_sample(net, z, y, times[:1])}]
-        if len(times) > 1:
-            samplers.append({"sampler": "student", "nfe": len(times), "fn": lambda z, y: multistep_sample(net, z, y, times)})
-        if data.world is not None:  # DMD2 matches distributions, not the teacher's ODE map: no ode_err
+    net = ema if ema is not None else generator
+    samplers = [{"sampler": "student", "nfe": 1, "fn": lambda z, y: multistep_sample(net, z, y, times[:1])}]
+    if len(times) > 1:
+        samplers.append({"sampler": "student", "nfe": len(times), "fn": lambda z, y: multistep_sample(net, z, y, times)})
+    if data.world is not None:  # DMD2 matches distributions, not the teacher's ODE map: no ode_err
+        if is_main():  # exact metrics of a few thousand samples: rank 0 alone
             rows = evaluate(samplers, data.world, teacher, cfg, cfg.out, "dmd2", train_seconds,
                             "gmm" if cfg.teacher == "gmm" else "learned", n=cfg.eval_samples, guidance=cfg.guidance,
                             device=d.device)
             print0(format_table(rows))
-        else:
-            evaluate_real(samplers, data.shape, data.num_classes, cfg, "dmd2", train_seconds, d.device)
-        print0(f"wrote {cfg.out}/ckpt.pt, metrics.json, samples.png ({train_seconds:.1f} s of training)")
+    else:
+        evaluate_real(samplers, data.shape, data.num_classes, cfg, "dmd2", train_seconds, d.device)
+    print0(f"wrote {cfg.out}/ckpt.pt, metrics.json, samples.png ({train_seconds:.1f} s of training)")
     barrier()
     cleanup()
     return generator if ema is None else ema

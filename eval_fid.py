@@ -272,6 +272,30 @@ def image_batch(items):
 
 
 @torch.no_grad()
+def feature_sums(images, model, batch=50, device="cpu", desc=None):
+    """(count, sum of features, sum of their outer products), float64: the sufficient statistics of the
+    Inception features of `images`, which add up over shards. desc: show a progress bar."""
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    sum_f = torch.zeros(2048, dtype=torch.float64, device=device)
+    sum_ff = torch.zeros(2048, 2048, dtype=torch.float64, device=device)
+    for i in tqdm(range(0, len(images), batch), desc=desc, disable=desc is None):
+        f = model(image_batch(images[i:i + batch]).to(device)).double()
+        count += len(f)
+        sum_f += f.sum(0)
+        sum_ff += f.T @ f
+    return count, sum_f, sum_ff
+
+
+def stats_from_sums(count, sum_f, sum_ff, desc="images"):
+    """(mu, sigma) as numpy float64 from feature_sums (added over every shard)."""
+    n = int(count.item())
+    if n < 2:
+        fail(f"{desc}: {n} image(s); a covariance needs at least 2 (the standard protocol uses 50,000)")
+    mu = sum_f / n
+    sigma = (sum_ff - n * torch.outer(mu, mu)) / (n - 1)  # one-pass covariance: safe in float64
+    return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
 def feature_stats(images, model, batch=50, device="cpu", distributed=None, desc="images"):
     """(mu, sigma) in float64 of the Inception features of `images`: an NCHW tensor (uint8, or float in
     [0, 1]), an NHWC uint8 array, or a list of image files. distributed=None: shard over ranks when
@@ -279,24 +303,11 @@ def feature_stats(images, model, batch=50, device="cpu", distributed=None, desc=
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    shard = images[rank::world]
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    sum_f = torch.zeros(2048, dtype=torch.float64, device=device)
-    sum_ff = torch.zeros(2048, 2048, dtype=torch.float64, device=device)
-    for i in tqdm(range(0, len(shard), batch), desc=f"{desc}: {len(images)} images", disable=rank != 0):
-        f = model(image_batch(shard[i:i + batch]).to(device)).double()
-        count += len(f)
-        sum_f += f.sum(0)
-        sum_ff += f.T @ f
+    sums = feature_sums(images[rank::world], model, batch, device, f"{desc}: {len(images)} images" if rank == 0 else None)
     if distributed:
-        for t in (count, sum_f, sum_ff):
+        for t in sums:
             dist.all_reduce(t)
-    n = int(count.item())
-    if n < 2:
-        fail(f"{desc}: {n} image(s); a covariance needs at least 2 (the standard protocol uses 50,000)")
-    mu = sum_f / n
-    sigma = (sum_ff - n * torch.outer(mu, mu)) / (n - 1)  # one-pass covariance: safe in float64
-    return mu.cpu().numpy(), sigma.cpu().numpy()
+    return stats_from_sums(*sums, desc=desc)
 
 
 def is_stats_file(path):
@@ -353,14 +364,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
+def quantize(samples):
+    """Samples in [-1, 1] to uint8 as saving PNGs does (EDM/DiT: x * 127.5 + 128, clipped), so an FID of
+    samples in memory equals the CLI's on their PNG files."""
+    return (samples * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu()
+
+
 def fid_of_samples(samples, ref_path, weights_path=None, batch=50, device=None):
     """FID of generated samples (NCHW float in [-1, 1]) against ref_path (statistics .npz, image .npz or
     folder). Runs in this process alone (no collectives), so a method file can call it from rank 0."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # quantize as saving PNGs does (EDM/DiT: x * 127.5 + 128, clipped), so the number equals the CLI's on those files
-    images = (samples * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu()
     model = inception_model(weights_path, device)
-    mu, sigma = feature_stats(images, model, batch, device, distributed=False, desc="samples")
+    mu, sigma = feature_stats(quantize(samples), model, batch, device, distributed=False, desc="samples")
     mu_ref, sigma_ref = stats_of(ref_path, model, batch, device, distributed=False)
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 

@@ -308,18 +308,18 @@ def train(cfg):
     logger.close()
     train_seconds = time.time() - t_start
 
-    if is_main():
-        g = cfg.guidance if num_classes else 1.0
-        sampler = lambda z, y: one_step_sample(ema, z, y, torch.full((len(z),), g, device=z.device))
-        if world is not None:
+    g = cfg.guidance if num_classes else 1.0
+    sampler = lambda z, y: one_step_sample(ema, z, y, torch.full((len(z),), g, device=z.device))
+    if world is not None:
+        if is_main():  # exact metrics of a few thousand samples: rank 0 alone
             rows = evaluate([{"sampler": "student", "nfe": 1, "fn": sampler, "ode": True}], world, teacher, cfg, cfg.out,
                             "freeflow", train_seconds, "gmm" if cfg.teacher == "gmm" else "learned",
                             n=cfg.eval_samples, guidance=cfg.guidance, device=d.device)
             print0(format_table(rows))
-        else:
-            evaluate_real([{"sampler": "student", "nfe": 1, "fn": sampler}], shape, num_classes, cfg, "freeflow",
-                          train_seconds, d.device)
-        print0(f"wrote {cfg.out}/ckpt.pt, metrics.json, samples.png ({train_seconds:.1f} s of training)")
+    else:
+        evaluate_real([{"sampler": "student", "nfe": 1, "fn": sampler}], shape, num_classes, cfg, "freeflow",
+                      train_seconds, d.device)
+    print0(f"wrote {cfg.out}/ckpt.pt, metrics.json, samples.png ({train_seconds:.1f} s of training)")
     barrier()
     cleanup()
     return ema

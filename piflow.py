@@ -446,17 +446,17 @@ def train(cfg):
     logger.close()
     train_seconds = time.time() - t_start
 
-    if is_main():
-        samplers = [{"sampler": "student", "nfe": n, "ode": True,
-                     "fn": (lambda n_: lambda z, y: sample(emas[n_], z, y, n_, cfg))(n)} for n in nfes]
-        if data.world is not None:
+    samplers = [{"sampler": "student", "nfe": n, "ode": True,
+                 "fn": (lambda n_: lambda z, y: sample(emas[n_], z, y, n_, cfg))(n)} for n in nfes]
+    if data.world is not None:
+        if is_main():  # exact metrics of a few thousand samples: rank 0 alone
             rows = evaluate(samplers, data.world, teacher, cfg, cfg.out, "piflow", train_seconds,
                             "gmm" if cfg.teacher == "gmm" else "learned", n=cfg.eval_samples,
                             guidance=cfg.guidance, device=d.device)
             print0(format_table(rows))
-        else:
-            evaluate_real(samplers, data.shape, data.num_classes, cfg, "piflow", train_seconds, d.device)
-        print0(f"wrote {cfg.out}/ckpt.pt, metrics.json, samples.png ({train_seconds:.1f} s of training)")
+    else:
+        evaluate_real(samplers, data.shape, data.num_classes, cfg, "piflow", train_seconds, d.device)
+    print0(f"wrote {cfg.out}/ckpt.pt, metrics.json, samples.png ({train_seconds:.1f} s of training)")
     barrier()
     cleanup()
     return emas

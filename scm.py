@@ -345,21 +345,21 @@ def train(cfg):
     logger.close()
     train_seconds = time.time() - t_start
 
-    if is_main():
-        def sampler(steps):
-            return lambda z, y: sample(ema, z, y, steps, None if g_range is None else torch.full((len(z),), cfg.guidance,
-                                                                                                device=z.device))
-        samplers = [{"sampler": "student", "nfe": 1, "fn": sampler(times[:1]), "ode": True}]
-        if len(times) > 1:  # re-noising leaves the teacher's ODE map, so no ode_err for it
-            samplers.append({"sampler": "student", "nfe": len(times), "fn": sampler(times), "ode": False})
-        if data.world is not None:
+    def sampler(steps):
+        return lambda z, y: sample(ema, z, y, steps, None if g_range is None else torch.full((len(z),), cfg.guidance,
+                                                                                            device=z.device))
+    samplers = [{"sampler": "student", "nfe": 1, "fn": sampler(times[:1]), "ode": True}]
+    if len(times) > 1:  # re-noising leaves the teacher's ODE map, so no ode_err for it
+        samplers.append({"sampler": "student", "nfe": len(times), "fn": sampler(times), "ode": False})
+    if data.world is not None:
+        if is_main():  # exact metrics of a few thousand samples: rank 0 alone
             rows = evaluate(samplers, data.world, teacher, cfg, cfg.out, "scm", train_seconds,
                             "gmm" if cfg.teacher == "gmm" else "learned", n=cfg.eval_samples, guidance=cfg.guidance,
                             device=d.device)
             print0(format_table(rows))
-        else:
-            evaluate_real(samplers, data.shape, data.num_classes, cfg, "scm", train_seconds, d.device)
-        print0(f"wrote {cfg.out}/ckpt.pt, metrics.json, samples.png ({train_seconds:.1f} s of training)")
+    else:
+        evaluate_real(samplers, data.shape, data.num_classes, cfg, "scm", train_seconds, d.device)
+    print0(f"wrote {cfg.out}/ckpt.pt, metrics.json, samples.png ({train_seconds:.1f} s of training)")
     barrier()
     cleanup()
     return ema

@@ -260,9 +260,12 @@ def test_backbone_signature_features_and_teacher_init():
     s, g = torch.rand(3), torch.full((3,), 2.0)
     # new inputs start as no-ops: the student equals the teacher whatever s and g are
     assert torch.allclose(student(x, t, y, s=s, g=g), dit(x, t, y), atol=1e-6)
-    mlp = common.new_backbone((2,), 0, hidden=16, depth=2)
-    out, feats = mlp(torch.randn(5, 2), torch.rand(5), return_features=True)
-    assert out.shape == (5, 2) and feats.shape == (5, 16)
+    for depth in (1, 2):  # the features come from the middle block, and from the only one at depth 1
+        mlp = common.new_backbone((2,), 0, hidden=16, depth=depth)
+        out, feats = mlp(torch.randn(5, 2), torch.rand(5), return_features=True)
+        assert out.shape == (5, 2) and feats.shape == (5, 16)
+        shallow = common.new_backbone((1, 8, 8), 10, hidden=32, depth=depth, heads=2)
+        assert shallow(x, t, y, return_features=True)[1].shape == (3, 32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -629,6 +632,45 @@ def test_fid_statistics_shard_over_torchrun_ranks():
         mu, sigma = eval_fid.feature_stats(eval_fid.read_images(ref), eval_fid.inception_model(random_weights=True))
         mu_sharded, sigma_sharded = eval_fid.load_stats(stats)
         assert np.allclose(mu_sharded, mu, atol=1e-5) and np.allclose(sigma_sharded, sigma, atol=1e-5)
+
+
+FID_SPLIT_SCRIPT = """
+import json, sys, types, torch, common
+common.setup_dist("cpu")
+out, ref, weights = sys.argv[1:4]
+cfg = types.SimpleNamespace(out=out, seed=3, fid_ref=ref, fid_weights=weights, fid_samples=10, data="t", steps=0)
+noisy = lambda z, y: torch.tanh(z + 0.5 * torch.randn_like(z) + 0.2 * y.view(-1, 1, 1, 1))  # stochastic
+common.evaluate_real([{"sampler": "noisy", "nfe": 1, "fn": noisy}], (3, 8, 8), 3, cfg, "t", 0.0, "cpu", batch=4)
+"""
+
+
+def test_method_fid_splits_samples_over_ranks_and_does_not_depend_on_their_number():
+    """evaluate_real (the methods' FID on real data) on 2 ranks gives the FID of 1 process, which is the FID of
+    the same 10 samples computed in one piece by eval_fid.fid_of_samples: 3 batches of 4, 4, 2 dealt over the
+    ranks (2 and 1), a stochastic sampler, an image-.npz reference sharded too; rank 0 alone writes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _, ref = write_tiny_image_sets(tmp, n_ref=5)
+        weights = os.path.join(tmp, "w.pth")
+        torch.save(eval_fid.inception_model(random_weights=True).state_dict(), weights)
+        script = os.path.join(tmp, "fid_split.py")
+        open(script, "w").write(FID_SPLIT_SCRIPT)
+        fids = {}
+        for nproc in (1, 2):
+            out = os.path.join(tmp, f"out{nproc}")
+            os.makedirs(out)
+            r = torchrun([script, out, ref, weights], nproc) if nproc > 1 else run([sys.executable, script, out, ref, weights])
+            assert r.returncode == 0, r.stderr[-2000:]
+            assert sorted(os.listdir(out)) == ["metrics.json", "samples.png"], os.listdir(out)
+            with open(os.path.join(out, "metrics.json")) as f:
+                fids[nproc] = json.load(f)["results"][0]["fid"]
+        samples = []
+        for i in (0, 4, 8):  # the documented seeding: the batch starting at sample i after manual_seed(seed * 1000003 + i)
+            torch.manual_seed(3 * 1_000_003 + i)
+            z, y = torch.randn(min(4, 10 - i), 3, 8, 8), torch.arange(i, min(i + 4, 10)) % 3
+            samples.append(torch.tanh(z + 0.5 * torch.randn_like(z) + 0.2 * y.view(-1, 1, 1, 1)).clamp(-1, 1))
+        whole = eval_fid.fid_of_samples(torch.cat(samples), ref, weights, device="cpu")
+        assert fids[1] > 1e-3, fids
+        assert abs(fids[1] - whole) <= 1e-6 * whole and abs(fids[2] - whole) <= 1e-6 * whole, (fids, whole)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1041,6 +1083,29 @@ def test_dmd2_torchrun_two_processes_multistep_gan_cfg_learned_teacher():
         student = [row for row in metrics["results"] if row["sampler"] == "student"]
         assert [row["nfe"] for row in student] == [1, 2] and all("cond_acc" in row for row in student)
         assert len(open(os.path.join(out, "log.jsonl")).read().splitlines()) == 2  # rank 0 alone logs
+        assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl", "metrics.json", "samples.png"]
+
+
+def test_dmd2_torchrun_on_real_images_with_a_depth_one_teacher_reports_fid():
+    """Real data end to end: a teacher of depth 1 fitted to an image .npz (its middle-block features feed
+    the GAN head), DMD2 with a 2-step generator on 2 ranks, FID of both samplers with random Inception
+    weights (the pipeline, not the number); every rank draws FID samples, rank 0 alone writes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        images = os.path.join(tmp, "imgs.npz")
+        np.savez(images, arr_0=rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8), labels=np.arange(32) % 2)
+        weights = os.path.join(tmp, "w.pth")
+        torch.save(eval_fid.inception_model(random_weights=True).state_dict(), weights)
+        r = run([sys.executable, "common.py", "teacher", "--data", images, "--steps", "5", "--batch", "8",
+                 "--hidden", "32", "--depth", "1", "--out", os.path.join(tmp, "teacher")])
+        assert r.returncode == 0, r.stderr[-2000:]
+        out = os.path.join(tmp, "run")
+        r = torchrun(["dmd2.py", "--data", images, "--teacher", os.path.join(tmp, "teacher", "ckpt.pt"), "--steps", "3",
+                      "--batch", "8", "--steps-gen", "2", "--fid-ref", images, "--fid-weights", weights,
+                      "--fid-samples", "12", "--out", out])
+        assert r.returncode == 0, r.stderr[-2000:]
+        rows = json.load(open(os.path.join(out, "metrics.json")))["results"]
+        assert [row["nfe"] for row in rows] == [1, 2] and all(math.isfinite(row["fid"]) and row["fid"] > 0 for row in rows)
         assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl", "metrics.json", "samples.png"]
 
 
