@@ -1613,6 +1613,25 @@ def test_undistill_flux_fsdp_full_finetune_matches_ddp_resumes_exactly_and_runs_
         assert [row["sampler"] for row in rows if row["sampler"].startswith("undistilled")] == ["undistilled cfg=1", "undistilled cfg=3"]
 
 
+def test_undistill_flux_perfect_schnell_is_the_guided_teacher_on_schnells_grid():
+    """The perfect toy schnell's velocity, Euler on schnell's 4-step grid, lands on the exact CFG-2 teacher's ODE
+    solution (its jumps are that ODE's); CFG 1 leaves it unchanged, and CFG w mixes in the unguided teacher's
+    jump with weight 1 - w."""
+    world = common.make_world("glyphs16")
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(24, *world.shape, generator=g), torch.randint(0, 10, (24,), generator=g)
+    velocity = uf.perfect_schnell(world, 2.0)
+    grid = torch.tensor(uf.SCHNELL_GRID)
+    x = common.euler_sample(velocity, z, 4, y, 1.0, grid)
+    x_ode, err = common.reference_ode(world.velocity, z, y, 2.0, steps=64)
+    assert (x - x_ode).pow(2).mean().sqrt() < 1e-3 and err < 1e-3
+    assert common.cond_acc(x, y, world) == 1.0
+    t = torch.full((24,), 0.6)
+    v_c, v_u = velocity(z, t, y, 1.0), uf.perfect_schnell(world, 1.0)(z, t, torch.full_like(y, 10), 1.0)
+    assert torch.allclose(velocity(z, t, y, 3.0), v_u + 3.0 * (v_c - v_u), atol=1e-5)
+    assert not torch.allclose(v_c, v_u, atol=1e-2)
+
+
 def test_undistill_flux_toy_pipeline_torchrun_two_processes():
     """The embedded default end to end, shrunk (distillation, LoRA un-distillation, the table) under DDP."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -1628,6 +1647,8 @@ def test_undistill_flux_toy_pipeline_torchrun_two_processes():
         assert names == [("distilled schnell-sampler", 4), ("distilled cfg=1", 2), ("distilled cfg=3", 2),
                          ("undistilled cfg=1", 2), ("undistilled cfg=3", 2)], names
         assert all(math.isfinite(row["swd"]) and 0 <= row["cond_acc"] <= 1 for row in rows)
+        exact = [(row["sampler"], row["nfe"]) for row in rows if row["sampler"].startswith("exact")]
+        assert exact == [(f"exact{kind} cfg={w}", 2) for kind in ("", " schnell") for w in (1, 3)], exact
         # every model and exact row is also scored against the exact guided law of its CFG scale
         assert all(math.isfinite(row["swd_target"]) for row in rows if "cfg=" in row["sampler"] or "schnell" in row["sampler"])
         steps = [json.loads(l)["step"] for l in open(os.path.join(out, "log.jsonl")) if "loss" in l]

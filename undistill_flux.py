@@ -27,7 +27,7 @@ The embedded default (CPU) reproduces the situation in miniature and measures it
   3. its un-distillation with LoRA or LoKr, flow matching on the world's samples, caption dropout, masking;
   4. a table before/after: 4, 8, 32 Euler steps x CFG 1, 2, 4 with swd, cond_acc and swd_target (to the
      exact CFG-guided law), next to the exact teacher on the same grid with the same CFG (CFG itself moves
-     samples off the data law, raising swd).
+     samples off the data law, raising swd) and to a perfect toy schnell (the exact jumps it is distilled to).
 
     python undistill_flux.py                              # the toy default, ~380 s of CPU (one core)
     python undistill_flux.py --adapter lokr               # LoKr instead of LoRA (factor 4)
@@ -988,13 +988,31 @@ def train(cfg):
     return model
 
 
+def perfect_schnell(world, guidance):
+    """The velocity of a toy schnell distilled without error: at time t, the exact jump of the CFG-guidance
+    teacher's ODE from t to the next point of schnell's grid. The empty prompt (CFG's negative) gets the
+    unguided teacher's jump, as guidance leaves the unconditional flow unchanged."""
+    def velocity(x, t, y, w=1.0):
+        t0 = float(t[0])
+        t1 = max(s for s in SCHNELL_GRID if s < t0 - 1e-6)
+
+        def jump(label, g):
+            return (reference_ode(world.velocity, x, label, g, 8, t0, t1)[0] - x) / (t1 - t0)
+        v_c = jump(y, guidance)
+        if w == 1:
+            return v_c
+        v_u = jump(torch.full_like(y, world.num_classes), 1.0)
+        return v_u + w * (v_c - v_u)
+    return velocity
+
+
 @torch.no_grad()
 def evaluate_toy(cfg, world, text, before, after, train_seconds, device):
     """The before/after table: every (steps, CFG) pair for the distilled and the un-distilled model with the
     same sampler (Euler on the shifted grid, true CFG against the empty prompt), on the same noise and
-    captions, next to the exact teacher (common.evaluate); plus schnell's own sampler (4 unshifted steps,
-    no CFG) on the distilled model. Each model attends as it was trained: the distilled one unmasked (BFL),
-    the un-distilled one with --mask."""
+    captions, next to the exact teacher and a perfect toy schnell under the same sampler (common.evaluate);
+    plus schnell's own sampler (4 unshifted steps, no CFG) on the distilled model. Each model attends as it
+    was trained: the distilled one unmasked (BFL), the un-distilled one with --mask."""
     empty = text.encode([""], device)
     merged = merge_adapters(copy.deepcopy(after)).eval()  # same speed as the base when sampling
 
@@ -1018,10 +1036,13 @@ def evaluate_toy(cfg, world, text, before, after, train_seconds, device):
                  for name, model, mask in (("distilled", before, "none"), ("undistilled", merged, cfg.mask))
                  for w in cfgs for steps in grid]
 
-    def exact(steps, w):  # the analytic teacher, same grid and CFG: what guidance itself costs in swd
-        return lambda z, y: euler_sample(world.velocity, z, steps, y, w, time_grid(steps, cfg.time_shift, z[0].numel() // 16).float())
-    samplers += [{"sampler": f"exact cfg={w:g}", "nfe": steps, "fn": exact(steps, w), "target": guided[w]}
-                 for w in cfgs for steps in grid]
+    def euler(velocity, steps, w):  # an exact velocity field under the models' sampler: same grid, same CFG
+        return lambda z, y: euler_sample(velocity, z, steps, y, w, time_grid(steps, cfg.time_shift, z[0].numel() // 16).float())
+    # the analytic teacher (what guidance itself costs in swd), and a distillation without error (what CFG and
+    # many steps do to a schnell that follows its captions as well as its teacher)
+    exact = {"exact": world.velocity, "exact schnell": perfect_schnell(world, cfg.distill_guidance)}
+    samplers += [{"sampler": f"{name} cfg={w:g}", "nfe": steps, "fn": euler(velocity, steps, w), "target": guided[w]}
+                 for name, velocity in exact.items() for w in cfgs for steps in grid]
     rows = evaluate(samplers, world, world, cfg, cfg.out, "undistill_flux", train_seconds, n=n, batch=n, device=device)
     print0(format_table(rows))
     print0(headline_table(rows, grid))
