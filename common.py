@@ -824,7 +824,11 @@ def fit_to_world(world, arch_kwargs=None, steps=None, batch=None, lr=1e-3, devic
 
 def teacher_for(cfg, data, device, arch_kwargs=None):
     """(teacher, teacher network to initialise students from). cfg.teacher: 'gmm' for the analytic
-    mixture teacher (its network is a fit, cached), or the path of a `common.py teacher` checkpoint."""
+    mixture teacher (its network is a fit, cached), or the path of a `common.py teacher` checkpoint.
+    With cfg.bench (timing only) an untrained network of the architecture stands in for both."""
+    if getattr(cfg, "bench", False):
+        net = new_backbone(data.shape, data.num_classes, **(arch_kwargs or {})).to(device)
+        return NetTeacher(copy.deepcopy(net)), net
     if cfg.teacher == "gmm":
         if data.world is None:
             fail("the analytic teacher ('--teacher gmm') needs a mixture world as --data; pass --teacher ckpt.pt for real data")

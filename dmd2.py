@@ -38,11 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DataSource, Logger, NetTeacher, autocast, barrier, bench, broadcast_int, broadcast_module,
-                    build_backbone, check_finite, cleanup, ema_update, evaluate, evaluate_real, fail,
-                    flow_matching_loss, format_table, init_from_teacher, is_main, load_training_state, maybe_compile,
-                    new_backbone, parse_config, prepare_out, print0, save_training_state, setup_dist, teacher_for,
-                    unwrap, wrap_ddp)
+from common import (DataSource, Logger, autocast, barrier, bench, broadcast_int, broadcast_module, build_backbone,
+                    check_finite, cleanup, ema_update, evaluate, evaluate_real, fail, flow_matching_loss, format_table,
+                    init_from_teacher, is_main, load_training_state, maybe_compile, parse_config, prepare_out, print0,
+                    save_training_state, setup_dist, teacher_for, unwrap, wrap_ddp)
 
 
 @dataclass
@@ -316,11 +315,7 @@ def train(cfg):
     prepare_out(cfg)
     batch = (cfg.bench_batch if cfg.bench else cfg.batch) // d.world
     arch = {"hidden": cfg.hidden, "depth": cfg.depth}
-    if cfg.bench:  # timing only: an untrained network of the same architecture stands in for the teacher
-        teacher_net = new_backbone(data.shape, data.num_classes, **arch).to(d.device)
-        teacher = NetTeacher(copy.deepcopy(teacher_net))
-    else:
-        teacher, teacher_net = teacher_for(cfg, data, d.device, arch_kwargs=arch)
+    teacher, teacher_net = teacher_for(cfg, data, d.device, arch_kwargs=arch)  # --bench: an untrained stand-in
     if data.num_classes != teacher_net.num_classes:
         fail(f"--data has {data.num_classes} classes but the teacher network knows {teacher_net.num_classes}")
     shape, times = tuple(data.shape), generator_times(cfg.steps_gen)

@@ -86,6 +86,8 @@ class Config:
     resume: bool = False
     compile: bool = False
     bench: bool = False
+    bench_data: str = "glyphs16"   # --bench times the steps on this data's backbone (the DiT trunk for images)
+    bench_batch: int = 64          # ... at this global batch
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,11 +204,14 @@ def sample_conditions(batch, num_classes, cfg, device):
 def load_teacher(cfg, device):
     """(teacher, its network, the world or None). The world is the analytic teacher and the exact scorer
     of the evaluation; training never samples it. A dataset path is never read."""
+    arch = {"hidden": cfg.hidden, "depth": cfg.depth}
+    if cfg.bench:  # timing only: an untrained network for --bench-data's shape stands in for the teacher
+        return (*teacher_for(cfg, DataSource(cfg.bench_data), device, arch), None)
     world = make_world(cfg.data)
     if world is None and not os.path.exists(cfg.data):
         fail(f"--data {cfg.data!r} is neither a world preset, a mixture .npz, nor an existing dataset path")
     if cfg.teacher == "gmm":
-        return (*teacher_for(cfg, DataSource(cfg.data), device, {"hidden": cfg.hidden, "depth": cfg.depth}), world)
+        return (*teacher_for(cfg, DataSource(cfg.data), device, arch), world)
     net = load_teacher_net(cfg.teacher, device)
     if world is not None and (tuple(net.shape), net.num_classes) != (tuple(world.shape), world.num_classes):
         fail(f"teacher {cfg.teacher} (shape {tuple(net.shape)}, {net.num_classes} classes) does not match --data "
@@ -218,12 +223,12 @@ def train(cfg):
     d = setup_dist(cfg.device, cfg.seed)
     if cfg.objective not in ("both", "prediction", "correction"):
         fail(f"--objective must be both, prediction or correction, got {cfg.objective!r}")
-    if cfg.batch % d.world:
-        fail(f"--batch {cfg.batch} is not divisible by the number of processes {d.world}")
+    if (cfg.bench_batch if cfg.bench else cfg.batch) % d.world:
+        fail(f"--batch / --bench-batch must be divisible by the number of processes {d.world}")
     if not 0 < cfg.pred_frac < 1 or cfg.delta_power <= 0 or cfg.fake_updates < 1:
         fail("--pred-frac must be in (0, 1), --delta-power positive and --fake-updates at least 1")
     prepare_out(cfg)
-    batch = cfg.batch // d.world
+    batch = (cfg.bench_batch if cfg.bench else cfg.batch) // d.world
     teacher, teacher_net, world = load_teacher(cfg, d.device)
     shape, num_classes = tuple(teacher_net.shape), teacher_net.num_classes
     if num_classes and not cfg.gamma_min <= cfg.guidance <= cfg.gamma_max:
@@ -290,6 +295,8 @@ def train(cfg):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        print0(f"{cfg.bench_data}: {type(student).__name__}, batch {batch}, "
+               f"{sum(p.numel() for p in student.parameters())} parameters")
         bench({"flow matching": fm_step, f"freeflow ({cfg.objective})": train_step})
         cleanup()
         return None

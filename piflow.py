@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DataSource, Logger, NetTeacher, autocast, barrier, bench, broadcast_module, build_backbone,
+from common import (DataSource, Logger, autocast, barrier, bench, broadcast_module, build_backbone,
                     check_finite, cleanup, ema_update, evaluate, evaluate_real, fail, floats, flow_matching_loss,
                     format_table, init_from_teacher, is_main, load_training_state, maybe_compile, parse_config,
                     prepare_out, print0, save_training_state, setup_dist, teacher_for, wrap_ddp)
@@ -89,6 +89,8 @@ class Config:
     resume: bool = False
     compile: bool = False
     bench: bool = False
+    bench_data: str = "glyphs16"   # --bench times the steps on this data's backbone (the DiT trunk for images)
+    bench_batch: int = 64          # ... at this global batch
 
 
 SIGMA_MIN, DENOM_MIN, LOGSTD_INIT = 1e-4, 1e-6, math.log(0.05)  # clamps and init of the official GMFlow policy
@@ -361,8 +363,8 @@ def check_config(cfg, world):
         fail(f"--nfes must list distinct positive integers, got {cfg.nfes!r}")
     if cfg.policy not in ("gm", "dx") or cfg.trainer not in ("data", "datafree"):
         fail("--policy must be gm or dx and --trainer data or datafree")
-    if cfg.batch % world:
-        fail(f"--batch {cfg.batch} is not divisible by the number of processes {world}")
+    if (cfg.bench_batch if cfg.bench else cfg.batch) % world:
+        fail(f"--batch / --bench-batch must be divisible by the number of processes {world}")
     if cfg.num_components < 1 or cfg.dx_grid < 2 or cfg.num_intermediate < 1 or cfg.total_substeps < 1:
         fail("--num-components >= 1, --dx-grid >= 2, --num-intermediate >= 1 and --total-substeps >= 1 are required")
     if not 0 < cfg.final_step_scale <= 1 or cfg.shift <= 0 or cfg.temperature <= 0 or not 0 <= cfg.gm_dropout < 1:
@@ -377,8 +379,9 @@ def check_config(cfg, world):
 def train(cfg):
     d = setup_dist(cfg.device, cfg.seed)
     nfes = check_config(cfg, d.world)
-    data = DataSource(cfg.data, seed=cfg.seed)
-    batch = cfg.batch // d.world
+    data = DataSource(cfg.bench_data if cfg.bench else cfg.data, seed=cfg.seed)
+    batch = (cfg.bench_batch if cfg.bench else cfg.batch) // d.world
+    # --bench: an untrained network stands in for the teacher, so the S teacher calls cost a network call each
     teacher, teacher_net = teacher_for(cfg, data, d.device, {"hidden": cfg.hidden, "depth": cfg.depth})
     prepare_out(cfg)
     k = cfg.num_components if cfg.policy == "gm" else cfg.dx_grid
@@ -407,8 +410,6 @@ def train(cfg):
 
     if cfg.bench:  # one pi-ID step vs one flow-matching step of the same network and batch
         n = nfes[0]
-        if cfg.teacher == "gmm":  # the fitted teacher network, so the S teacher calls cost a network call each
-            teacher = NetTeacher(teacher_net)
         x0, y = data.next_batch(batch, d.device)
 
         def start_velocity(out, x, t):  # the policy at its own start point: the mixture mean's velocity
@@ -420,7 +421,7 @@ def train(cfg):
             opts[n].zero_grad(set_to_none=True)
             loss.backward()
             opts[n].step()
-        print0(f"{cfg.data}: {type(students[n].net).__name__}, batch {batch}, S = {cfg.num_intermediate} teacher calls "
+        print0(f"{cfg.bench_data}: {type(students[n].net).__name__}, batch {batch}, S = {cfg.num_intermediate} teacher calls "
                f"per segment, {sum(p.numel() for p in students[n].parameters())} parameters")
         bench({"flow matching": fm_step, **{f"pi-ID {m} NFE ({cfg.policy}, {cfg.trainer})": (lambda m_: lambda: train_step(
             m_, cfg.warmup))(m) for m in nfes}})

@@ -39,11 +39,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from common import (DataSource, Logger, NetTeacher, autocast, barrier, bench, build_backbone, check_finite, cleanup,
-                    ema_update, evaluate, evaluate_real, fail, floats, flow_matching_loss, format_table,
-                    init_from_teacher, is_main, load_training_state, maybe_compile, new_backbone, parse_config,
-                    prepare_out, print0, save_training_state, setup_dist, teacher_for, timestep_embedding, unwrap,
-                    wrap_ddp)
+from common import (DataSource, Logger, autocast, barrier, bench, build_backbone, check_finite, cleanup, ema_update,
+                    evaluate, evaluate_real, fail, floats, flow_matching_loss, format_table, init_from_teacher, is_main,
+                    load_training_state, maybe_compile, parse_config, prepare_out, print0, save_training_state,
+                    setup_dist, teacher_for, timestep_embedding, unwrap, wrap_ddp)
 
 
 @dataclass
@@ -282,11 +281,7 @@ def train(cfg):
     # time-embedding scale (§4.1); a checkpoint brings its own architecture (train it with
     # `common.py teacher --norm adn --time-scale 10`).
     arch = {"hidden": cfg.hidden, "depth": cfg.depth, "norm": "adn", "time_scale": cfg.time_scale}
-    if cfg.bench:  # timing only: an untrained network of the same architecture stands in for the teacher
-        teacher_net = new_backbone(data.shape, data.num_classes, **arch).to(d.device)
-        teacher = NetTeacher(copy.deepcopy(teacher_net))
-    else:
-        teacher, teacher_net = teacher_for(cfg, data, d.device, arch_kwargs=arch)
+    teacher, teacher_net = teacher_for(cfg, data, d.device, arch_kwargs=arch)  # --bench: an untrained stand-in
     if data.num_classes != teacher_net.num_classes:
         fail(f"--data has {data.num_classes} classes but the teacher network knows {teacher_net.num_classes}")
 

@@ -673,6 +673,29 @@ def test_method_fid_splits_samples_over_ranks_and_does_not_depend_on_their_numbe
         assert abs(fids[1] - whole) <= 1e-6 * whole and abs(fids[2] - whole) <= 1e-6 * whole, (fids, whole)
 
 
+def test_every_method_benches_the_same_workload_against_flow_matching():
+    """--bench in each method file times its training step and a flow-matching step of the same network on
+    --bench-data at --bench-batch (the same default in all four, so compare's cost column compares like with
+    like), with an untrained stand-in teacher, and prints the table compare parses; nothing is written."""
+    import contextlib
+    import io
+    configs = {m: m.Config.__dataclass_fields__ for m in (scm, dmd2, freeflow, piflow)}
+    assert {(f["bench_data"].default, f["bench_batch"].default) for f in configs.values()} == {("glyphs16", 64)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in configs:
+            cfg = method.Config(bench=True, bench_data="checkerboard", bench_batch=8, hidden=16, depth=2,
+                                out=os.path.join(tmp, method.__name__), device="cpu")
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                assert method.train(cfg) is None
+            rows = common._bench_rows(printed.getvalue())
+            assert rows[0][0] == "flow matching" and rows[0][2] == 1.0 and len(rows) >= 2, printed.getvalue()
+            assert all(ms > 0 and ratio > 0 for _, ms, ratio in rows), rows
+            assert "checkerboard: MLPTrunk, batch 8" in printed.getvalue(), printed.getvalue()
+            out = os.path.join(tmp, method.__name__)
+            assert not os.path.exists(out) or not os.listdir(out), os.listdir(out)
+
+
 # ---------------------------------------------------------------------------------------------------
 # freeflow.py
 
