@@ -1655,6 +1655,31 @@ def test_undistill_flux_perfect_schnell_is_the_guided_teacher_on_schnells_grid()
     assert not torch.allclose(v_c, v_u, atol=1e-2)
 
 
+def test_undistill_flux_last_jump_is_trained_from_the_students_own_state():
+    """own_last_jump: rows drawn for the last interval start from the student's own 3-step state (the row's noise
+    itself when the student predicts 0) and regress the exact CFG teacher's jump from that state to t = 0; the
+    other rows keep the teacher's trajectory states."""
+    world, text = common.make_world("glyphs16"), uf.ToyText(8, 32)
+    g = torch.Generator().manual_seed(0)
+    n, y = 6, torch.tensor([3, 7, 1, 1, 0, 9])
+    noise, x_k, x_next = (torch.randn(n, 4, 8, 8, generator=g) for _ in range(3))
+    k, cond = torch.tensor([3, 0, 3, 2, 1, 3]), text.encode(text.captions(y, g))
+    torch.manual_seed(0)
+    zero, model = uf.Flux(**uf.PRESETS["tiny"]), uf.Flux(**uf.PRESETS["tiny"])
+    uf.zero_init_modulation(zero)  # output layer at 0: the student does not move
+    for net, expect_state in ((zero, noise), (model, None)):
+        state, nxt = uf.own_last_jump(net, world, noise, x_k, x_next, k, cond, y, 2.0)
+        last, other = k == 3, k != 3
+        assert torch.equal(state[other], x_k[other]) and torch.equal(nxt[other], x_next[other])
+        if expect_state is not None:
+            assert torch.equal(state[last], expect_state[last])
+        else:  # a moving student: its own state, neither the noise nor the teacher's state
+            assert not torch.allclose(state[last], noise[last]) and not torch.allclose(state[last], x_k[last])
+        teacher_end, _ = common.reference_ode(world.velocity, uf.from_latent(state[last]), y[last], 2.0, steps=8,
+                                              t_from=0.25, t_to=0.0)
+        assert torch.allclose(nxt[last], uf.to_latent(teacher_end), atol=1e-6)
+
+
 def test_undistill_flux_toy_pipeline_torchrun_two_processes():
     """The embedded default end to end, shrunk (distillation, LoRA un-distillation, the table) under DDP."""
     with tempfile.TemporaryDirectory() as tmp:
