@@ -1678,6 +1678,12 @@ def test_undistill_flux_last_jump_is_trained_from_the_students_own_state():
         teacher_end, _ = common.reference_ode(world.velocity, uf.from_latent(state[last]), y[last], 2.0, steps=8,
                                               t_from=0.25, t_to=0.0)
         assert torch.allclose(nxt[last], uf.to_latent(teacher_end), atol=1e-6)
+    try:  # the last interval's sampling weight must be positive
+        uf.check_config(uf.Config(distill_last_weight=0.0), True)
+    except SystemExit as e:
+        assert str(e).startswith("error: ") and "--distill-last-weight" in str(e) and "\n" not in str(e)
+    else:
+        raise AssertionError("--distill-last-weight 0 was accepted")
 
 
 def test_undistill_flux_toy_pipeline_torchrun_two_processes():

@@ -20,10 +20,11 @@ The embedded default (CPU) reproduces the situation in miniature and measures it
      16x16 glyph into a 4x8x8 latent, which FLUX packs 2x2 into 16 tokens of 16 channels;
   2. a tiny FLUX distilled in-file into a schnell-like model: trained, without caption dropout or
      masking, to reproduce the exact CFG teacher's ODE jump over each of the 4 intervals of schnell's
-     unshifted grid (1, .75, .5, .25, 0), the last one from the student's own state at .25. Like schnell it samples best with those 4 steps and no CFG, its
-     outputs are jumps rather than velocities, it never saw an empty prompt, and it has guidance baked
-     in; unlike schnell it was distilled by trajectory regression, not by adversarial diffusion
-     distillation (whose details BFL did not publish). Cached under runs/cache;
+     unshifted grid (1, .75, .5, .25, 0), the last one from the student's own state at .25 (and 3x as
+     often). Like schnell it samples best with those 4 steps and no CFG, its outputs are jumps rather
+     than velocities, it never saw an empty prompt, and it has guidance baked in; unlike schnell it was
+     distilled by trajectory regression, not by adversarial diffusion distillation (whose details BFL
+     did not publish). Cached under runs/cache;
   3. its un-distillation with LoRA or LoKr, flow matching on the world's samples, caption dropout, masking;
   4. a table before/after: 4, 8, 32 Euler steps x CFG 1, 2, 4 with swd, cond_acc and swd_target (to the
      exact CFG-guided law), next to the exact teacher on the same grid with the same CFG (CFG itself moves
@@ -106,6 +107,7 @@ class Config:
     distill_pool: int = 4096       # toy: teacher ODE trajectories to distil from (fewer: overfitting)
     distill_own_last: bool = True  # toy: train the last jump from the student's own state at t = 0.25 (exposure
                                    # bias; --no-distill-own-last: every jump from the teacher's trajectory)
+    distill_last_weight: float = 3.0  # toy: the last interval is drawn this many times as often as each other one
     eval_steps: str = "4,8,32"     # toy table: Euler steps ...
     eval_cfgs: str = "1,2,4"       # ... times CFG scales
     eval_samples: int = 400
@@ -808,9 +810,11 @@ def own_last_jump(model, world, noise, x_k, x_next, k, cond, y, guidance):
 def distilled_toy_schnell(cfg, world, text, device):
     """Regress, for each interval [t_k, t_k+1] of schnell's grid, the jump of the exact CFG-guided
     teacher ODE: v(x_tk, t_k, c) = (x_tk+1 - x_tk) / (t_k+1 - t_k), from the teacher's trajectories (the
-    last interval from the student's own state, see own_last_jump). Returns the BFL-layout file."""
+    last interval from the student's own state, see own_last_jump, and drawn distill_last_weight times as
+    often as each other one). Returns the BFL-layout file."""
     spec = [world.spec(), PRESETS["tiny"], cfg.text_len, cfg.distill_steps, cfg.distill_batch, cfg.distill_lr,
-            cfg.distill_guidance, cfg.distill_pool, cfg.seed] + (["own last jump"] if cfg.distill_own_last else [])
+            cfg.distill_guidance, cfg.distill_pool, cfg.seed]
+    spec += ([cfg.distill_last_weight] if cfg.distill_last_weight != 1 else []) + (["own last jump"] if cfg.distill_own_last else [])
     path = os.path.join(CACHE_DIR, f"undistill_flux-schnell-{hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:12]}.safetensors")
     if is_main() and not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -830,9 +834,11 @@ def distilled_toy_schnell(cfg, world, text, device):
         bar = tqdm(range(cfg.distill_steps), desc="distilling the toy schnell", mininterval=10)  # rank 0 alone:
         log = open(path.replace(".safetensors", ".log.jsonl"), "w")  # no collectives; the log stays with the cache
         grid = torch.tensor(SCHNELL_GRID, device=device)
+        interval_weights = torch.tensor([1.0, 1.0, 1.0, cfg.distill_last_weight])
         for step in bar:
             idx = torch.randint(0, cfg.distill_pool, (cfg.distill_batch,), generator=gen).to(device)
-            k = torch.randint(0, 4, (cfg.distill_batch,), generator=gen).to(device)
+            k = (torch.randint(0, 4, (cfg.distill_batch,), generator=gen) if cfg.distill_last_weight == 1 else  # as before
+                 torch.multinomial(interval_weights, cfg.distill_batch, replacement=True, generator=gen)).to(device)
             c = {key: v[idx] for key, v in cond.items()}
             x_k, x_next = xs[k, idx], xs[k + 1, idx]
             if cfg.distill_own_last:
@@ -867,6 +873,8 @@ def check_config(cfg, toy):
         fail(f"--preset must be one of {', '.join(PRESETS)}")
     if cfg.fsdp and cfg.adapter != "full":
         fail("--fsdp shards a full fine-tune; adapters train with DDP (drop --fsdp or use --adapter full)")
+    if cfg.distill_last_weight <= 0:
+        fail("--distill-last-weight must be positive (1 draws the four intervals equally often)")
     if toy and cfg.preset != "tiny":
         fail("the glyphs16 toy runs the tiny preset; the schnell/dev presets need --base and --data <shard directory>")
     if not toy and not cfg.base:
