@@ -152,20 +152,30 @@ def unwrap(model):
 # Config -> CLI: every dataclass field becomes --field-name value (bools: --flag / --no-flag)
 
 def parse_config(config_cls, argv=None):
+    """Flags -> Config. A Config may carry IMAGE_RECIPE, a dict of field values that replace the defaults
+    when --data is an image-shaped mixture world (C, H, W); flags given on the command line still win."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(allow_abbrev=False, add_help=True)
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
+        # SUPPRESS: only the flags actually given appear in args, so the recipe knows what not to touch
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f"(default: {f.default})")
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=f.name.upper())
+            parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                help=f"(default: {f.default})")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         valid = " ".join("--" + f.name.replace("_", "-") for f in dataclasses.fields(config_cls))
         fail(f"unknown argument(s) {' '.join(unknown)}; valid flags are: {valid}")
-    return config_cls(**vars(args))
+    given = vars(args)
+    cfg = config_cls(**given)
+    recipe = getattr(config_cls, "IMAGE_RECIPE", None)
+    if recipe and is_image_world(cfg.data):
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in recipe.items() if k not in given})
+    return cfg
 
 
 def floats(text):
@@ -355,6 +365,12 @@ def make_world(name):
         return GaussianMixture(f["weights"], f["means"], f["stds"], f["labels"] if "labels" in f.files else None,
                                f["shape"] if "shape" in f.files else None, name=os.path.basename(name)[:-4])
     return None
+
+
+def is_image_world(spec):
+    """True for a mixture world (preset or .npz) whose samples are images (C, H, W)."""
+    world = make_world(spec)
+    return world is not None and len(world.shape) == 3
 
 
 def euler_sample(velocity, z, nfe, y=None, cfg=1.0, t_grid=None):
@@ -606,12 +622,13 @@ class MLPTrunk(Trunk):
                  norm="adaln_zero", dropout=0.0, time_scale=1000.0, s_scale=None):
         super().__init__()
         self.shape, dim = tuple(shape), math.prod(shape)
-        self.out_dim = out_channels or dim
+        # out_channels per pixel of an image (C, H, W), or the output width of a vector (D,)
+        self.out_channels = out_channels or self.shape[0]
         self._init_cond(hidden, num_classes, use_s, use_g, time_scale, s_scale)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResidualMLPBlock(hidden, norm, dropout) for _ in range(depth))
         self.out_mod = Modulation(hidden, norm)
-        self.out = nn.Linear(hidden, self.out_dim)
+        self.out = nn.Linear(hidden, self.out_channels * math.prod(self.shape[1:]))
 
     def forward(self, x, t, y=None, s=None, g=None, return_features=False):
         c = self.cond_embedding(t, y, s, g)
@@ -622,8 +639,7 @@ class MLPTrunk(Trunk):
             if i == max(len(self.blocks) // 2, 1) - 1:  # the middle block's output (the only one at depth 1)
                 features = h
         z, _ = self.out_mod(h, c)
-        out = self.out(z)
-        out = out.reshape(x.shape) if self.out_dim == math.prod(self.shape) else out
+        out = self.out(z).reshape(len(x), self.out_channels, *self.shape[1:])
         return (out, features) if return_features else out
 
 
@@ -703,8 +719,12 @@ class DiTTrunk(Trunk):
 
 
 def make_backbone(shape, num_classes=0, arch=None, **kwargs):
-    """MLP trunk for vectors, DiT trunk for images (C, H, W); kwargs override the defaults."""
-    arch = arch or ("dit" if len(shape) == 3 else "mlp")
+    """arch 'mlp' (residual MLP, images flattened) or 'dit' (images only); None or 'auto': MLP for vectors,
+    DiT for images (C, H, W). kwargs override the defaults."""
+    if arch in (None, "auto"):
+        arch = "dit" if len(shape) == 3 else "mlp"
+    if arch not in ("mlp", "dit") or (arch == "dit" and len(shape) != 3):
+        fail(f"--arch must be auto, mlp or dit (dit for images only), got {arch!r} for data of shape {tuple(shape)}")
     return (DiTTrunk if arch == "dit" else MLPTrunk)(shape, num_classes=num_classes, **kwargs)
 
 
@@ -726,7 +746,8 @@ def build_backbone(spec):
 
 
 def new_backbone(shape, num_classes=0, arch=None, **kwargs):
-    arch = arch or ("dit" if len(shape) == 3 else "mlp")
+    if arch in (None, "auto"):
+        arch = "dit" if len(shape) == 3 else "mlp"
     return build_backbone({"shape": list(shape), "num_classes": num_classes, "arch": arch, **kwargs})
 
 
@@ -790,9 +811,11 @@ def fit_to_world(world, arch_kwargs=None, steps=None, batch=None, lr=1e-3, devic
     128: at patch 2 and batch 512 one CPU step costs seconds."""
     arch_kwargs = dict(arch_kwargs or {})
     image = len(world.shape) == 3
-    if image:
+    if arch_kwargs.get("arch") in (None, "auto"):
+        arch_kwargs["arch"] = "dit" if image else "mlp"
+    if arch_kwargs["arch"] == "dit":
         arch_kwargs.setdefault("patch", 4)
-    steps, batch = steps or (1500 if image else 3000), batch or (128 if image else 512)
+    steps, batch = steps or (2000 if image else 3000), batch or (128 if image else 512)
     key = hashlib.sha1(json.dumps([world.spec(), arch_kwargs, steps, batch, lr], sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"fit-{world.name}-{key}.pt")
     if is_main() and not os.path.isfile(path):
@@ -1112,10 +1135,12 @@ TEACHER_NFES = (1, 2, 4, 8, 16, 32)
 
 @torch.no_grad()
 def evaluate(samplers, world, teacher, cfg, out, method, train_seconds, teacher_name="gmm", n=4000, guidance=1.0,
-             batch=1000, device="cpu", picture_teacher_nfe=32):
+             batch=1000, device="cpu", picture_teacher_nfe=32, teacher_net=None):
     """Score a list of samplers [{"sampler", "nfe", "fn": (z, y) -> x, "ode": bool, "target": x}] next to
     the teacher's Euler sampler at 1..32 NFE and the data itself, on the same noise and labels; write
-    metrics.json and samples.png. An optional "target" holds n samples (labels arange(n) % classes) of the
+    metrics.json and samples.png. With the analytic teacher, teacher_net (the network the students copy, fitted)
+    adds its own Euler rows at 1..32 NFE ("teacher_net"), at the same guidance: the ceiling of what the
+    students' architecture has learned. An optional "target" holds n samples (labels arange(n) % classes) of the
     law the sampler aims at when that is not the data (e.g. a CFG-guided law); it adds swd_target.
     Rank 0 only. Returns the rows."""
     gen = torch.Generator().manual_seed(1234)  # the same evaluation noise for every method
@@ -1143,11 +1168,15 @@ def evaluate(samplers, world, teacher, cfg, out, method, train_seconds, teacher_
             row["swd_target"] = swd(x, s["target"])
         rows.append({**row, "ms_per_sample": ms})
         pictures.append((f"{s['sampler']} {s['nfe']} NFE", sample_picture(x, world.shape)))
-    for nfe in TEACHER_NFES:
-        x, ms = run(lambda zz, yy: euler_sample(teacher.velocity, zz, nfe, yy, guidance))
-        rows.append({"sampler": "teacher", "nfe": nfe, **world_metrics(x, world, y, reference, ode_ref), "ms_per_sample": ms})
-        if nfe == picture_teacher_nfe:
-            pictures.insert(1, (f"teacher Euler {nfe}", sample_picture(x, world.shape)))
+    euler_rows = [("teacher", teacher)]
+    if teacher_net is not None and isinstance(teacher, GaussianMixture):  # a learned teacher is its own network
+        euler_rows.append(("teacher_net", NetTeacher(teacher_net)))
+    for name, velocity_model in euler_rows:
+        for nfe in TEACHER_NFES:
+            x, ms = run(lambda zz, yy: euler_sample(velocity_model.velocity, zz, nfe, yy, guidance))
+            rows.append({"sampler": name, "nfe": nfe, **world_metrics(x, world, y, reference, ode_ref), "ms_per_sample": ms})
+            if nfe == picture_teacher_nfe:
+                pictures.insert(len(pictures) - len(samplers), (f"{name} Euler {nfe}", sample_picture(x, world.shape)))
     rows.append({"sampler": "data", "nfe": 0, **world_metrics(data_other, world, y, reference, None), "ms_per_sample": 0.0})
     result = {"method": method, "data": world.name, "teacher": teacher_name, "steps": cfg.steps,
               "train_seconds": round(train_seconds, 2), "guidance": guidance, "results": rows}

@@ -75,7 +75,9 @@ class Config:
     ema_decay: float = 0.0         # 0: no EMA, as in the paper; > 0 evaluates an EMA of G
     image_size: int = 32           # image folders are resized to this (must match the teacher)
     hflip: bool = False            # random horizontal flips of the real data (GAN and --no-backward-sim)
-    hidden: int = 128              # with --teacher gmm: the network fitted to the world (width, depth)
+    arch: str = "auto"             # with --teacher gmm: trunk of the network fitted to the world: auto (MLP for
+                                   # vectors, DiT for images) | mlp | dit
+    hidden: int = 128              # ... its width and depth
     depth: int = 4
     eval_samples: int = 4000
     fid_ref: str = ""              # real data: reference statistics .npz for FID (eval_fid.py)
@@ -314,7 +316,7 @@ def train(cfg):
         fail("--guidance (CFG on the real score) needs class-conditional data")
     prepare_out(cfg)
     batch = (cfg.bench_batch if cfg.bench else cfg.batch) // d.world
-    arch = {"hidden": cfg.hidden, "depth": cfg.depth}
+    arch = {"arch": cfg.arch, "hidden": cfg.hidden, "depth": cfg.depth}
     teacher, teacher_net = teacher_for(cfg, data, d.device, arch_kwargs=arch)  # --bench: an untrained stand-in
     if data.num_classes != teacher_net.num_classes:
         fail(f"--data has {data.num_classes} classes but the teacher network knows {teacher_net.num_classes}")
@@ -400,7 +402,7 @@ def train(cfg):
         if is_main():  # exact metrics of a few thousand samples: rank 0 alone
             rows = evaluate(samplers, data.world, teacher, cfg, cfg.out, "dmd2", train_seconds,
                             "gmm" if cfg.teacher == "gmm" else "learned", n=cfg.eval_samples, guidance=cfg.guidance,
-                            device=d.device)
+                            device=d.device, teacher_net=teacher_net)
             print0(format_table(rows))
     else:
         evaluate_real(samplers, data.shape, data.num_classes, cfg, "dmd2", train_seconds, d.device)

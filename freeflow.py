@@ -73,7 +73,9 @@ class Config:
     gamma_min: float = 1.0         # CFG scales seen in training (class-conditional data), fed to the student
     gamma_max: float = 3.0
     guidance: float = 1.0          # CFG scale of the evaluation (teacher and student)
-    hidden: int = 128              # with --teacher gmm: width/depth of the network fitted to the world
+    arch: str = "auto"             # with --teacher gmm: trunk of the network fitted to the world: auto (MLP for
+                                   # vectors, DiT for images) | mlp | dit
+    hidden: int = 128              # ... its width and depth
     depth: int = 4
     eval_samples: int = 4000
     fid_ref: str = ""              # real data: reference statistics .npz for FID (eval_fid.py)
@@ -204,7 +206,7 @@ def sample_conditions(batch, num_classes, cfg, device):
 def load_teacher(cfg, device):
     """(teacher, its network, the world or None). The world is the analytic teacher and the exact scorer
     of the evaluation; training never samples it. A dataset path is never read."""
-    arch = {"hidden": cfg.hidden, "depth": cfg.depth}
+    arch = {"arch": cfg.arch, "hidden": cfg.hidden, "depth": cfg.depth}
     if cfg.bench:  # timing only: an untrained network for --bench-data's shape stands in for the teacher
         return (*teacher_for(cfg, DataSource(cfg.bench_data), device, arch), None)
     world = make_world(cfg.data)
@@ -321,7 +323,7 @@ def train(cfg):
         if is_main():  # exact metrics of a few thousand samples: rank 0 alone
             rows = evaluate([{"sampler": "student", "nfe": 1, "fn": sampler, "ode": True}], world, teacher, cfg, cfg.out,
                             "freeflow", train_seconds, "gmm" if cfg.teacher == "gmm" else "learned",
-                            n=cfg.eval_samples, guidance=cfg.guidance, device=d.device)
+                            n=cfg.eval_samples, guidance=cfg.guidance, device=d.device, teacher_net=teacher_net)
             print0(format_table(rows))
     else:
         evaluate_real([{"sampler": "student", "nfe": 1, "fn": sampler}], shape, num_classes, cfg, "freeflow",

@@ -76,7 +76,9 @@ class Config:
     bias_noise: float = 0.05       # std of the noise added to each replicated mean bias (breaks the K-fold symmetry)
     guidance: float = 1.0          # teacher CFG scale inside the target (and of the teacher rows in the evaluation)
     guidance_interval: str = "0,1"  # CFG only for t in this interval (ImageNet REPA: 0,0.7)
-    hidden: int = 128              # with --teacher gmm: width / depth of the network fitted to the world
+    arch: str = "auto"             # with --teacher gmm: trunk of the network fitted to the world: auto (MLP for
+                                   # vectors, DiT for images) | mlp | dit
+    hidden: int = 128              # ... its width and depth
     depth: int = 4
     eval_samples: int = 4000
     fid_ref: str = ""              # real data: reference statistics .npz for FID (eval_fid.py)
@@ -382,7 +384,7 @@ def train(cfg):
     data = DataSource(cfg.bench_data if cfg.bench else cfg.data, seed=cfg.seed)
     batch = (cfg.bench_batch if cfg.bench else cfg.batch) // d.world
     # --bench: an untrained network stands in for the teacher, so the S teacher calls cost a network call each
-    teacher, teacher_net = teacher_for(cfg, data, d.device, {"hidden": cfg.hidden, "depth": cfg.depth})
+    teacher, teacher_net = teacher_for(cfg, data, d.device, {"arch": cfg.arch, "hidden": cfg.hidden, "depth": cfg.depth})
     prepare_out(cfg)
     k = cfg.num_components if cfg.policy == "gm" else cfg.dx_grid
     students, emas, opts, state = {}, {}, {}, {}
@@ -453,7 +455,7 @@ def train(cfg):
         if is_main():  # exact metrics of a few thousand samples: rank 0 alone
             rows = evaluate(samplers, data.world, teacher, cfg, cfg.out, "piflow", train_seconds,
                             "gmm" if cfg.teacher == "gmm" else "learned", n=cfg.eval_samples,
-                            guidance=cfg.guidance, device=d.device)
+                            guidance=cfg.guidance, device=d.device, teacher_net=teacher_net)
             print0(format_table(rows))
     else:
         evaluate_real(samplers, data.shape, data.num_classes, cfg, "piflow", train_seconds, d.device)

@@ -73,7 +73,9 @@ class Config:
     image_size: int = 32           # image folders are resized to this (must match the teacher)
     dropout: float = 0.0           # student dropout (paper: 0.2 sCT / 0 sCD on CIFAR-10); same mask in both passes
     grad_clip: float = 0.0         # 0: off (the paper does not clip)
-    hidden: int = 128              # with --teacher gmm: the network fitted to the world (width, depth)
+    arch: str = "auto"             # with --teacher gmm: trunk of the network fitted to the world: auto (MLP for
+                                   # vectors, DiT for images) | mlp | dit
+    hidden: int = 128              # ... its width and depth
     depth: int = 4
     time_scale: float = 10.0       # with --teacher gmm: frequency scale of the fitted network's sinusoidal time input.
                                    # §4.1 / Eq. 7: dF/dt grows with it. Measured on the default run: at the trunk's
@@ -280,7 +282,7 @@ def train(cfg):
     # The fitted stand-in for a teacher checkpoint uses the paper's adaptive double normalisation and a small
     # time-embedding scale (§4.1); a checkpoint brings its own architecture (train it with
     # `common.py teacher --norm adn --time-scale 10`).
-    arch = {"hidden": cfg.hidden, "depth": cfg.depth, "norm": "adn", "time_scale": cfg.time_scale}
+    arch = {"arch": cfg.arch, "hidden": cfg.hidden, "depth": cfg.depth, "norm": "adn", "time_scale": cfg.time_scale}
     teacher, teacher_net = teacher_for(cfg, data, d.device, arch_kwargs=arch)  # --bench: an untrained stand-in
     if data.num_classes != teacher_net.num_classes:
         fail(f"--data has {data.num_classes} classes but the teacher network knows {teacher_net.num_classes}")
@@ -350,7 +352,7 @@ def train(cfg):
         if is_main():  # exact metrics of a few thousand samples: rank 0 alone
             rows = evaluate(samplers, data.world, teacher, cfg, cfg.out, "scm", train_seconds,
                             "gmm" if cfg.teacher == "gmm" else "learned", n=cfg.eval_samples, guidance=cfg.guidance,
-                            device=d.device)
+                            device=d.device, teacher_net=teacher_net)
             print0(format_table(rows))
     else:
         evaluate_real(samplers, data.shape, data.num_classes, cfg, "scm", train_seconds, d.device)
