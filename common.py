@@ -1335,9 +1335,8 @@ def train_teacher(cfg):
 class CompareConfig:
     methods: str = "scm,dmd2,freeflow,piflow"  # the few-step distillation files (undistill_flux reverses one)
     worlds: str = "checkerboard,glyphs16"
-    steps: int = 1500          # the same training-step budget for every method on the 2D world
-    image_steps: int = 300     # ... and on glyphs16 (a CPU-sized budget)
-    image_args: str = "--hidden 64 --depth 2 --batch 128"  # CPU-sized DiT and batch on image worlds, every method
+    steps: int = 1500          # the same training-step budget for every method on 2D worlds; image worlds run
+                               # each method's image recipe (its Config.IMAGE_RECIPE) unchanged
     seed: int = 0
     eval_samples: int = 4000
     out: str = "runs/compare"
@@ -1381,15 +1380,14 @@ def compare(cfg):
             write_json(costs_path, costs)
         print(f"{method} --bench: one step costs {costs[method]:.2f}x a flow-matching step", flush=True)
     for world in _names(cfg.worlds):
-        image = len(make_world(world).shape) == 3
-        steps = cfg.image_steps if image else cfg.steps
+        image = is_image_world(world)
         panels, teacher = [], []
         for method in _names(cfg.methods):
             out = os.path.join(cfg.out, world, method)
             if cfg.rerun or not os.path.isfile(os.path.join(out, "metrics.json")):
-                cmd = [sys.executable, os.path.join(here, f"{method}.py"), "--data", world, "--steps", str(steps),
+                cmd = [sys.executable, os.path.join(here, f"{method}.py"), "--data", world,
                        "--seed", str(cfg.seed), "--eval-samples", str(cfg.eval_samples), "--out", out]
-                cmd += cfg.image_args.split() if image else []
+                cmd += [] if image else ["--steps", str(cfg.steps)]
                 print(" ".join(cmd[1:]), flush=True)
                 r = subprocess.run(cmd, capture_output=True, text=True)
                 if r.returncode != 0:
@@ -1399,12 +1397,15 @@ def compare(cfg):
             data_nll = next(r["nll"] for r in m["results"] if r["sampler"] == "data")
             teacher = sorted((r for r in m["results"] if r["sampler"] == "teacher"), key=lambda r: r["nfe"])
             rows = [(f"{method} ({r['sampler']})", r, m["train_seconds"], costs[method])
-                    for r in m["results"] if r["sampler"] not in ("teacher", "data")]
+                    for r in m["results"] if r["sampler"] not in ("teacher", "teacher_net", "data")]
             for name, row, seconds, cost in rows:
                 equal = next((t for t in teacher if t["swd"] <= row["swd"]), None)  # cheapest teacher as good
                 table.append(_compare_row(world, name, row, data_nll, f"{seconds:.0f}", f"{cost:.2f}",
                                           equal["nfe"] if equal else "> 32",
                                           f"{equal['ms_per_sample'] / max(row['ms_per_sample'], 1e-9):.1f}x" if equal else "-"))
+            for r in m["results"]:  # the network this method's students copy, under its own Euler sampler
+                if r["sampler"] == "teacher_net" and r["nfe"] in (1, 4, 32):
+                    table.append(_compare_row(world, f"{method} (teacher_net Euler)", r, data_nll, "-", "1", "-", "-"))
             panels.append((method, Image.open(os.path.join(out, "samples.png")).convert("RGB")))
         for t in teacher:  # the teacher's Euler rows of the last run (identical in every run: same noise)
             table.append(_compare_row(world, "teacher (Euler)", t, data_nll, "-", "1", t["nfe"], "1.0x"))
@@ -1418,7 +1419,7 @@ def compare(cfg):
                 y += p.height
             canvas.save(os.path.join(cfg.out, f"samples_{world}.png"))
     text = [f"Measured by `python common.py compare` on {time.strftime('%Y-%m-%d')}: seed {cfg.seed}, analytic teacher, "
-            f"{cfg.steps} training steps on 2D worlds and {cfg.image_steps} on glyphs16 (`{cfg.image_args}`), "
+            f"{cfg.steps} training steps on 2D worlds, each method's image recipe on image worlds, "
             f"{cfg.eval_samples} evaluation samples.",
             ""] + table
     with open(os.path.join(cfg.out, "compare.md"), "w") as f:

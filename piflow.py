@@ -24,7 +24,7 @@ Conventions: the project's rectified flow x_t = (1 - t) x0 + t eps, u = eps - x0
     python piflow.py --policy dx                       # DX policy (10 x0 predictions per segment)
     python piflow.py --trainer datafree                # data-free pi-ID: chained rollouts from noise
     python piflow.py --window-substeps 3 --num-intermediate 4 --mix-decay-iters 500   # the FLUX recipe's extras
-    python piflow.py --data glyphs16 --guidance 2 --nfes 2 --steps 300   # class-conditional 16x16 glyphs, teacher CFG
+    python piflow.py --data glyphs16                   # class-conditional 16x16 glyphs with the image recipe (Config)
     python piflow.py --teacher runs/teacher/ckpt.pt    # a learned teacher (python common.py teacher)
     python piflow.py --bench                           # one pi-ID step vs one flow-matching step
     torchrun --standalone --nproc_per_node=8 piflow.py --data /datasets/cifar10 --teacher ckpt.pt --nfes 2 \\
@@ -93,6 +93,11 @@ class Config:
     bench: bool = False
     bench_data: str = "glyphs16"   # --bench times the steps on this data's backbone (the DiT trunk for images)
     bench_batch: int = 64          # ... at this global batch
+
+    # The image recipe: on an image-shaped mixture world (glyphs16, or a mixture .npz with shape (C, H, W)) these
+    # values replace the defaults above; flags given on the command line still win. Measured in README "Images".
+    IMAGE_RECIPE = {"arch": "mlp", "hidden": 512, "depth": 3,  # a wide MLP on flat pixels fits the world (DiT: 0.56 cond_acc)
+                    "steps": 600, "batch": 64, "lr": 1e-4, "guidance": 1.0}
 
 
 SIGMA_MIN, DENOM_MIN, LOGSTD_INIT = 1e-4, 1e-6, math.log(0.05)  # clamps and init of the official GMFlow policy

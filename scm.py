@@ -14,7 +14,7 @@ re-noising in between.
 
     python scm.py                                  # sCD, 2D checkerboard, analytic teacher, a few minutes on CPU
     python scm.py --mode sct                       # consistency training from data (no teacher velocity)
-    python scm.py --data glyphs16 --steps 1000     # class-conditional 16x16 glyphs, DiT trunk
+    python scm.py --data glyphs16                  # class-conditional 16x16 glyphs with the image recipe (Config)
     python scm.py --data glyphs16 --guidance 2 --guidance-range 1,3   # CFG scale drawn per example, fed to F
     python scm.py --jvp fd                         # finite-difference tangent (nets without forward-mode AD)
     python scm.py --bench                          # one sCM step vs one flow-matching step (glyphs16 DiT)
@@ -95,6 +95,11 @@ class Config:
     bench: bool = False
     bench_data: str = "glyphs16"   # --bench times the steps on this data's backbone (the DiT trunk for images)
     bench_batch: int = 64          # ... at this global batch
+
+    # The image recipe: on an image-shaped mixture world (glyphs16, or a mixture .npz with shape (C, H, W)) these
+    # values replace the defaults above; flags given on the command line still win. Measured in README "Images".
+    IMAGE_RECIPE = {"arch": "mlp", "hidden": 512, "depth": 3,  # a wide MLP on flat pixels fits the world (DiT: 0.56 cond_acc)
+                    "steps": 2000, "batch": 128, "lr": 3e-4, "ema_decay": 0.995, "guidance": 1.0}
 
 
 def bc(v, like):

@@ -4,6 +4,7 @@ All tests. `python test_all.py` runs them (prints `N passed, N failed`, exits no
 CPU only, a few minutes on 2 cores.
 """
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -1964,6 +1965,75 @@ def test_scm_torchrun_two_processes_learned_teacher_with_drawn_guidance():
 
 # ---------------------------------------------------------------------------------------------------
 # runner
+
+# ---------------------------------------------------------------------------------------------------
+# Image worlds: the image recipe, and any image-shaped mixture through every method
+
+def rgb_mixture(path, size=16, per_class=3, class_weights=(0.5, 0.3, 0.2), seed=0):
+    """A class-conditional RGB mixture saved as an .npz with shape (3, size, size) and unequal class weights:
+    class c draws bars of its own colour (red, green, blue) at random places, on a dark background."""
+    rng = np.random.default_rng(seed)
+    means, weights, labels = [], [], []
+    for c, wc in enumerate(class_weights):
+        for _ in range(per_class):
+            img = np.full((3, size, size), -0.8)
+            top, left = rng.integers(0, size // 2, 2)
+            img[c, top:top + size // 2, left:left + 3] = 0.9
+            means.append(img.reshape(-1))
+            weights.append(wc / per_class)
+            labels.append(c)
+    np.savez(path, weights=weights, means=np.array(means), stds=np.full(len(means), 0.05), labels=labels,
+             shape=[3, size, size])
+    return path
+
+
+METHODS = {"scm": scm, "dmd2": dmd2, "freeflow": freeflow, "piflow": piflow}
+
+
+def test_image_recipe_applies_on_image_worlds_only_and_given_flags_win():
+    with tempfile.TemporaryDirectory() as tmp:
+        rgb = rgb_mixture(os.path.join(tmp, "rgb.npz"))
+        for name, module in METHODS.items():
+            recipe = module.Config.IMAGE_RECIPE
+            assert recipe and set(recipe) <= {f.name for f in dataclasses.fields(module.Config)}, name
+            plain = common.parse_config(module.Config, [])
+            for data in ("glyphs16", rgb):
+                cfg = common.parse_config(module.Config, ["--data", data])
+                for k, v in recipe.items():
+                    assert getattr(cfg, k) == v, (name, data, k)
+            assert common.parse_config(module.Config, ["--data", "spiral"]) == dataclasses.replace(plain, data="spiral")
+            key = next(iter(recipe))  # a flag given on the command line beats the recipe
+            value = {int: 7, float: 0.125, str: "mlp", bool: not recipe[key]}[type(recipe[key])]
+            flag = ("--" if value is not False else "--no-") + key.replace("_", "-")
+            cfg = common.parse_config(module.Config, ["--data", "glyphs16", flag] + ([] if isinstance(value, bool) else [str(value)]))
+            assert getattr(cfg, key) == value, (name, key)
+
+
+def test_every_method_runs_its_image_recipe_on_an_rgb_mixture_with_unequal_class_weights():
+    with tempfile.TemporaryDirectory() as tmp:
+        rgb = rgb_mixture(os.path.join(tmp, "rgb.npz"))
+        world = common.make_world(rgb)
+        assert world.shape == (3, 16, 16) and world.num_classes == 3 and not torch.allclose(world.weights, world.weights[0])
+        full, common.fit_to_world = quick_teacher_fit(tmp)
+        try:
+            for name, module in METHODS.items():
+                out = os.path.join(tmp, name)
+                # the recipe, cut to a few steps on a narrow network (the budget, not the recipe, is under test)
+                cfg = common.parse_config(module.Config, ["--data", rgb, "--out", out, "--steps", "3", "--batch", "8",
+                                                          "--hidden", "32", "--depth", "1", "--eval-samples", "60"])
+                assert cfg.arch == module.Config.IMAGE_RECIPE["arch"]
+                module.train(cfg)
+                m = json.load(open(os.path.join(out, "metrics.json")))
+                rows = {(r["sampler"], r["nfe"]) for r in m["results"]}
+                assert {("teacher_net", n) for n in common.TEACHER_NFES} <= rows, (name, rows)
+                assert any(r["sampler"] == "student" for r in m["results"]), name
+                for r in m["results"]:
+                    assert all(math.isfinite(r[k]) for k in ("swd", "mode_tv", "nll", "cond_acc")), (name, r)
+                assert m["guidance"] == cfg.guidance
+                assert Image.open(os.path.join(out, "samples.png")).mode == "RGB"
+        finally:
+            common.fit_to_world = full
+
 
 def main(argv):
     pattern = argv[1] if len(argv) > 1 else ""
