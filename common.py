@@ -807,15 +807,16 @@ def load_teacher_net(path, device="cpu"):
 def fit_to_world(world, arch_kwargs=None, steps=None, batch=None, lr=1e-3, device="cpu", cache_dir="runs/cache"):
     """A backbone regressed onto the exact mixture velocity (with the null label for CFG), cached under
     runs/. With the analytic teacher this is the network that students copy, as the papers copy their
-    teacher's weights. Image worlds get a DiT with 4x4 patches (16 tokens at 16x16), 1500 steps at batch
-    128: at patch 2 and batch 512 one CPU step costs seconds."""
+    teacher's weights. Image worlds fit 4000 steps at batch 96 (on glyphs16 the recipe's MLP at 2000 steps of
+    batch 128 reached cond_acc 0.954 and nll 2.7 with 8 Euler steps, at 4000 steps 0.994 and 0.04); a DiT
+    gets 4x4 patches (16 tokens at 16x16): at patch 2 one CPU step costs seconds."""
     arch_kwargs = dict(arch_kwargs or {})
     image = len(world.shape) == 3
     if arch_kwargs.get("arch") in (None, "auto"):
         arch_kwargs["arch"] = "dit" if image else "mlp"
     if arch_kwargs["arch"] == "dit":
         arch_kwargs.setdefault("patch", 4)
-    steps, batch = steps or (2000 if image else 3000), batch or (128 if image else 512)
+    steps, batch = steps or (4000 if image else 3000), batch or (96 if image else 512)
     key = hashlib.sha1(json.dumps([world.spec(), arch_kwargs, steps, batch, lr], sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"fit-{world.name}-{key}.pt")
     if is_main() and not os.path.isfile(path):

@@ -94,7 +94,7 @@ class Config:
     # The image recipe: on an image-shaped mixture world (glyphs16, or a mixture .npz with shape (C, H, W)) these
     # values replace the defaults above; flags given on the command line still win. Measured in README "Images".
     IMAGE_RECIPE = {"arch": "mlp", "hidden": 512, "depth": 3,  # a wide MLP on flat pixels fits the world (DiT: 0.56 cond_acc)
-                    "steps": 1500, "batch": 128, "lr": 1e-4, "fake_lr": 1e-4, "ema_decay": 0.995, "guidance": 1.0}
+                    "steps": 1200, "batch": 128, "ema_decay": 0.995, "guidance": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -211,6 +211,40 @@ def test_evaluate_scores_a_sampler_against_its_own_target_law():
     assert all("swd_target" not in r for r in rows if r["sampler"] not in ("right", "wrong"))
 
 
+
+class ExactVelocityNet(torch.nn.Module):
+    """A 'network' that returns a mixture's exact velocity (y = num_classes is the null label): its Euler
+    rows must equal the analytic teacher's."""
+
+    def __init__(self, world, bias=0.0):
+        super().__init__()
+        self.world, self.num_classes, self.bias = world, world.num_classes, bias
+
+    def forward(self, x, t, y=None):
+        return self.world.velocity(x, t, y) + self.bias
+
+
+def test_evaluate_adds_the_fitted_networks_own_euler_rows_with_the_analytic_teacher_only():
+    world = common.make_world("glyphs16")
+    draw = lambda z, y: world.sample(len(z), y)[0]
+    cfg = types.SimpleNamespace(steps=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = common.evaluate([{"sampler": "student", "nfe": 1, "fn": draw}], world, world, cfg, tmp, "test", 0.0, n=300,
+                               guidance=2.0, teacher_net=ExactVelocityNet(world))
+        teacher = {r["nfe"]: r for r in rows if r["sampler"] == "teacher"}
+        net = {r["nfe"]: r for r in rows if r["sampler"] == "teacher_net"}
+        assert sorted(net) == list(common.TEACHER_NFES)
+        for n in common.TEACHER_NFES:  # same noise, labels and guidance: the exact network reproduces the teacher
+            for k in ("swd", "mode_tv", "nll", "cond_acc"):
+                assert abs(net[n][k] - teacher[n][k]) < 1e-6 * max(1.0, abs(teacher[n][k])), (n, k, net[n], teacher[n])
+        shifted = common.evaluate([], world, world, cfg, tmp, "test", 0.0, n=300, guidance=2.0,
+                                  teacher_net=ExactVelocityNet(world, 0.5))
+        assert all(r["swd"] > teacher[r["nfe"]]["swd"] + 0.1 for r in shifted if r["sampler"] == "teacher_net")
+        learned = common.NetTeacher(ExactVelocityNet(world))  # a learned teacher is its own network: no extra rows
+        rows = common.evaluate([], world, learned, cfg, tmp, "test", 0.0, n=100, teacher_net=learned.net)
+        assert not any(r["sampler"] == "teacher_net" for r in rows)
+
+
 # ---------------------------------------------------------------------------------------------------
 # common.py: backbones
 
