@@ -844,7 +844,7 @@ def fit_to_world(world, arch_kwargs=None, steps=None, batch=None, lr=1e-3, devic
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        save_checkpoint(path, {"backbone": net._spec, "ema": net.state_dict(), "fit_loss": float(loss)})
+        save_checkpoint(path, {"backbone": net._spec, "ema": net.state_dict(), "fit_loss": loss.item()})
     barrier()
     return load_teacher_net(path, device)
 
