@@ -718,14 +718,19 @@ class DiTTrunk(Trunk):
         return (out, features) if return_features else out
 
 
-def make_backbone(shape, num_classes=0, arch=None, **kwargs):
-    """arch 'mlp' (residual MLP, images flattened) or 'dit' (images only); None or 'auto': MLP for vectors,
-    DiT for images (C, H, W). kwargs override the defaults."""
+def resolve_arch(arch, shape):
+    """'mlp' (residual MLP, images flattened) or 'dit' (images only); None or 'auto': MLP for vectors, DiT for
+    images (C, H, W)."""
     if arch in (None, "auto"):
         arch = "dit" if len(shape) == 3 else "mlp"
     if arch not in ("mlp", "dit") or (arch == "dit" and len(shape) != 3):
         fail(f"--arch must be auto, mlp or dit (dit for images only), got {arch!r} for data of shape {tuple(shape)}")
-    return (DiTTrunk if arch == "dit" else MLPTrunk)(shape, num_classes=num_classes, **kwargs)
+    return arch
+
+
+def make_backbone(shape, num_classes=0, arch=None, **kwargs):
+    """The trunk resolve_arch picks; kwargs override its defaults."""
+    return (DiTTrunk if resolve_arch(arch, shape) == "dit" else MLPTrunk)(shape, num_classes=num_classes, **kwargs)
 
 
 def backbone_spec(net):
@@ -746,8 +751,6 @@ def build_backbone(spec):
 
 
 def new_backbone(shape, num_classes=0, arch=None, **kwargs):
-    if arch in (None, "auto"):
-        arch = "dit" if len(shape) == 3 else "mlp"
     return build_backbone({"shape": list(shape), "num_classes": num_classes, "arch": arch, **kwargs})
 
 
@@ -812,8 +815,7 @@ def fit_to_world(world, arch_kwargs=None, steps=None, batch=None, lr=1e-3, devic
     gets 4x4 patches (16 tokens at 16x16): at patch 2 one CPU step costs seconds."""
     arch_kwargs = dict(arch_kwargs or {})
     image = len(world.shape) == 3
-    if arch_kwargs.get("arch") in (None, "auto"):
-        arch_kwargs["arch"] = "dit" if image else "mlp"
+    arch_kwargs["arch"] = resolve_arch(arch_kwargs.get("arch"), world.shape)  # one cache key for 'auto' and its pick
     if arch_kwargs["arch"] == "dit":
         arch_kwargs.setdefault("patch", 4)
     steps, batch = steps or (4000 if image else 3000), batch or (96 if image else 512)
