@@ -205,19 +205,19 @@ class GaussianMixture:
         self.dim = self.means.shape[1]
         self.shape = tuple(int(s) for s in shape) if shape is not None else (self.dim,)
         self.name = name
-        self._cast = {}
+        self._cache = {}
         if math.prod(self.shape) != self.dim:
             fail(f"mixture shape {self.shape} does not match mean dimension {self.dim}")
 
     def _params(self, ref):
         key = (ref.dtype, ref.device)
-        if key not in self._cast:
+        if key not in self._cache:
             p = [self.weights.log(), self.means, self.stds]
             p = [a.to(device=ref.device, dtype=ref.dtype) for a in p]
             p.append((p[1] ** 2).sum(1))  # |mu_k|^2 for distances by matmul
             p.append(None if self.labels is None else self.labels.to(ref.device))
-            self._cast[key] = p
-        return self._cast[key]
+            self._cache[key] = p
+        return self._cache[key]
 
     def sample(self, n, y=None, generator=None, device="cpu"):
         """n samples (shaped like the data) and their class labels (None for unconditional worlds)."""
@@ -302,6 +302,61 @@ class GaussianMixture:
     def nearest_component(self, x):
         """Most likely component of each clean sample (for mode coverage and class accuracy)."""
         return self._logits(x, self._t(0.0, x), None).argmax(1)
+
+    # Exact expectations under the law, for the distances of the Toy metrics section. A Gaussian kernel
+    # k_h(a, b) = exp(-|a - b|^2 / (2 h2)) convolved with N(mu, s^2 I) stays a Gaussian in closed form, in any D:
+    #   E_{b ~ N(mu, s^2 I)} k_h(a, b) = (h2 / (h2 + s^2))^(D/2) exp(-|a - mu|^2 / (2 (h2 + s^2))).
+
+    def kernel_bandwidths(self):
+        """Squared bandwidths h2 set by the world's own scales: one mode's width (h2 = D s^2 / 2, where the kernel
+        distance is most sensitive to a mode's spread), the distance between neighbouring modes (median over
+        modes), and the spread of the whole data (its total variance)."""
+        s2 = float(self.stds.pow(2).median())
+        h2 = [self.dim * s2 / 2]
+        if len(self.weights) > 1:
+            d2 = torch.cdist(self.means, self.means).pow(2).fill_diagonal_(float("inf"))
+            h2.append(float(d2.min(1).values.median()))
+        mean = self.weights @ self.means
+        h2.append(float(self.weights @ ((self.means - mean).pow(2).sum(1) + self.dim * self.stds.pow(2))))
+        return h2
+
+    def kernel_mean(self, x, h2):
+        """E_{b ~ p0} k_h(x_i, b) for each row of x (B, D), float64: a logsumexp over components."""
+        logw, mu, s, mu2, _ = self._params(x)
+        dist2 = ((x ** 2).sum(1, keepdim=True) - 2 * x @ mu.T + mu2[None]).clamp_min(0)
+        v = h2 + s ** 2
+        return torch.logsumexp(logw + 0.5 * self.dim * torch.log(h2 / v) - dist2 / (2 * v), 1).exp()
+
+    def kernel_self(self, h2, chunk=1024):
+        """E_{a, b ~ p0 independent} k_h(a, b): every pair of components, the two variances add."""
+        logw, s, total = self.weights.log(), self.stds, []
+        for i in range(0, len(logw), chunk):
+            v = h2 + s[i:i + chunk, None] ** 2 + s[None] ** 2
+            dist2 = torch.cdist(self.means[i:i + chunk], self.means).pow(2)
+            total.append(torch.logsumexp((logw[i:i + chunk, None] + logw[None] + 0.5 * self.dim * torch.log(h2 / v)
+                                          - dist2 / (2 * v)).reshape(-1), 0))
+        return float(torch.logsumexp(torch.stack(total), 0).exp())
+
+    def projected_quantiles(self, dirs, n, max_elements=2 ** 24):
+        """Quantiles F^-1((i + 1/2) / n), i < n, of the law projected on each unit direction (columns of dirs,
+        (D, P)): a 1-D mixture of N(mu_k . d, s_k^2), whose CDF is tabulated on a grid of s_min / 8 spacing
+        and inverted by linear interpolation. Returns (n, P), float64."""
+        centers = self.means @ dirs  # (K, P)
+        lo = (centers - 8 * self.stds[:, None]).min(0).values
+        hi = (centers + 8 * self.stds[:, None]).max(0).values
+        points = int(min(2 ** 15, max(1024, math.ceil(float((hi - lo).max() / self.stds.min()) * 8))))
+        u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        out, chunk = [], max(1, max_elements // (points * len(self.weights)))
+        for p in range(0, dirs.shape[1], chunk):
+            c, l, h = centers[:, p:p + chunk].T, lo[p:p + chunk, None], hi[p:p + chunk, None]
+            grid = l + (h - l) * torch.linspace(0, 1, points, dtype=torch.float64)  # (P', G)
+            cdf = (torch.special.ndtr((grid[..., None] - c[:, None]) / self.stds) * self.weights).sum(-1)
+            idx = torch.searchsorted(cdf, u.expand(len(grid), n).contiguous()).clamp(1, points - 1)
+            c0, c1 = cdf.gather(1, idx - 1), cdf.gather(1, idx)
+            g0, g1 = grid.gather(1, idx - 1), grid.gather(1, idx)
+            frac = ((u - c0) / (c1 - c0).clamp_min(1e-300)).clamp(0, 1)
+            out.append((g0 + frac * (g1 - g0)).T)
+        return torch.cat(out, 1)
 
     def spec(self):
         """Everything that identifies the world (for cache keys and checkpoints)."""
@@ -1095,15 +1150,56 @@ def sample_picture(samples, shape):
 # ---------------------------------------------------------------------------------------------------
 # Toy metrics (same functions for every method) and the shared evaluation table
 
-def swd(x, y, n_proj=256, seed=0):
-    """Sliced Wasserstein-2 between two equal-size sample sets (fixed random directions)."""
-    x, y = x.reshape(len(x), -1).double().cpu(), y.reshape(len(y), -1).double().cpu()
-    n = min(len(x), len(y))
+def swd(x, law, n_proj=256, seed=0):
+    """Sliced Wasserstein-2 between samples x and a law (fixed random directions): a GaussianMixture, whose
+    projections are exact 1-D mixtures (the sorted projections of x meet their exact quantiles), or a second
+    sample set of the same size (then its sampling noise adds to the distance)."""
+    x = x.reshape(len(x), -1).double().cpu()
     dirs = torch.randn(x.shape[1], n_proj, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    px, _ = (x[:n] @ dirs).sort(0)
-    py, _ = (y[:n] @ dirs).sort(0)
-    return float((px - py).pow(2).mean().sqrt())
+    px, _ = (x @ dirs).sort(0)
+    if isinstance(law, GaussianMixture):
+        key = ("quantiles", len(x), n_proj, seed)  # the same for every sampler of an evaluation: computed once
+        if key not in law._cache:
+            law._cache[key] = law.projected_quantiles(dirs, len(x))
+        target = law._cache[key]
+    else:
+        target, _ = (law.reshape(len(law), -1).double().cpu()[:len(x)] @ dirs).sort(0)
+        px = px[:len(target)]
+    return float((px - target).pow(2).mean().sqrt())
+
+
+@torch.no_grad()
+def mmd(x, world, chunk=1000):
+    """Kernel distance to the true law, unbiased: MMD^2 = E k(x, x') - 2 E k(x, b) + E k(b, b'), x from the
+    samples, b from the world, k a sum of Gaussian kernels at world.kernel_bandwidths(), each scaled to unit
+    spread under the world. The two terms with
+    b are exact (world.kernel_mean, world.kernel_self); only E k(x, x') is estimated, as a U-statistic over
+    pairs i != j. True samples score 0 in expectation; shrinking, spraying, dropping modes and blurring all
+    cost. Returns (MMD^2, its standard error from the U-statistic's variance, 4 (n-2) z1 + 2 z2 over n (n-1))."""
+    x = x.reshape(len(x), -1).double().cpu()
+    n, bandwidths = len(x), world.kernel_bandwidths()
+    if "kernel" not in world._cache:
+        # each kernel divided by its spread between two independent draws of the world, sd = (E k_h^2 - (E k_h)^2)^1/2
+        # with k_h^2 = k_{h/sqrt2}: then a wide kernel's sampling noise does not drown a narrow kernel's signal
+        means = [world.kernel_self(h2) for h2 in bandwidths]
+        scales = [1 / math.sqrt(max(world.kernel_self(h2 / 2) - e ** 2, 1e-300)) for h2, e in zip(bandwidths, means)]
+        world._cache["kernel"] = scales, sum(c * e for c, e in zip(scales, means))
+    scales, const = world._cache["kernel"]
+    m = sum(c * world.kernel_mean(x, h2) for c, h2 in zip(scales, bandwidths))  # E_b k(x_i, b)
+    x2 = (x ** 2).sum(1)
+    row_sums, square_sum = torch.empty(n, dtype=torch.float64), 0.0
+    for i in range(0, n, chunk):  # h_ij = k(x_i, x_j) - m_i - m_j + E k(b, b'), whose mean over i != j is MMD^2
+        dist2 = (x2[i:i + chunk, None] - 2 * x[i:i + chunk] @ x.T + x2[None]).clamp_min(0)
+        h = sum(c * torch.exp(-dist2 / (2 * h2)) for c, h2 in zip(scales, bandwidths)) - m[i:i + chunk, None] - m[None] + const
+        h[torch.arange(len(h)), torch.arange(i, i + len(h))] = 0
+        row_sums[i:i + chunk] = h.sum(1)
+        square_sum += float(h.pow(2).sum())
+    row_means = row_sums / (n - 1)
+    value = float(row_means.mean())
+    z2 = square_sum / (n * (n - 1)) - value ** 2  # Var h(x, x')
+    z1 = max(float(row_means.var()) - z2 / (n - 1), 0.0)  # Var E[h(x, x') | x]: the row means less their own noise
+    return value, math.sqrt(max(4 * (n - 2) * z1 + 2 * z2, 0.0) / (n * (n - 1)))
 
 
 def mode_tv(x, world):
@@ -1124,8 +1220,10 @@ def cond_acc(x, y, world):
     return float((world.labels[comp] == y.cpu()).double().mean())
 
 
-def world_metrics(x, world, y=None, reference=None, ode_ref=None):
-    row = {"swd": swd(x, reference), "mode_tv": mode_tv(x, world), "nll": mean_nll(x, world)}
+def world_metrics(x, world, y=None, ode_ref=None):
+    """The exact metrics of samples x against the world; mmd (with its standard error mmd_se) is the headline."""
+    value, se = mmd(x, world)
+    row = {"mmd": value, "mmd_se": se, "swd": swd(x, world), "mode_tv": mode_tv(x, world), "nll": mean_nll(x, world)}
     if ode_ref is not None:
         row["ode_err"] = float((x.double().cpu() - ode_ref.double().cpu()).pow(2).mean().sqrt())
     if world.num_classes and y is not None:
@@ -1149,7 +1247,6 @@ def evaluate(samplers, world, teacher, cfg, out, method, train_seconds, teacher_
     gen = torch.Generator().manual_seed(1234)  # the same evaluation noise for every method
     z = torch.randn(n, *world.shape, generator=gen)
     y = torch.arange(n) % world.num_classes if world.num_classes else None
-    reference, _ = world.sample(n, y, generator=torch.Generator().manual_seed(4321))
     data_other, _ = world.sample(n, y, generator=torch.Generator().manual_seed(99))
     ode_ref = None
     if any(s.get("ode") for s in samplers):
@@ -1166,7 +1263,7 @@ def evaluate(samplers, world, teacher, cfg, out, method, train_seconds, teacher_
     rows, pictures = [], [("data", sample_picture(data_other, world.shape))]
     for s in samplers:
         x, ms = run(s["fn"])
-        row = {"sampler": s["sampler"], "nfe": s["nfe"], **world_metrics(x, world, y, reference, ode_ref if s.get("ode") else None)}
+        row = {"sampler": s["sampler"], "nfe": s["nfe"], **world_metrics(x, world, y, ode_ref if s.get("ode") else None)}
         if s.get("target") is not None:
             row["swd_target"] = swd(x, s["target"])
         rows.append({**row, "ms_per_sample": ms})
@@ -1177,10 +1274,10 @@ def evaluate(samplers, world, teacher, cfg, out, method, train_seconds, teacher_
     for name, velocity_model in euler_rows:
         for nfe in TEACHER_NFES:
             x, ms = run(lambda zz, yy: euler_sample(velocity_model.velocity, zz, nfe, yy, guidance))
-            rows.append({"sampler": name, "nfe": nfe, **world_metrics(x, world, y, reference, ode_ref), "ms_per_sample": ms})
+            rows.append({"sampler": name, "nfe": nfe, **world_metrics(x, world, y, ode_ref), "ms_per_sample": ms})
             if nfe == picture_teacher_nfe:
                 pictures.insert(len(pictures) - len(samplers), (f"{name} Euler {nfe}", sample_picture(x, world.shape)))
-    rows.append({"sampler": "data", "nfe": 0, **world_metrics(data_other, world, y, reference, None), "ms_per_sample": 0.0})
+    rows.append({"sampler": "data", "nfe": 0, **world_metrics(data_other, world, y), "ms_per_sample": 0.0})
     result = {"method": method, "data": world.name, "teacher": teacher_name, "steps": cfg.steps,
               "train_seconds": round(train_seconds, 2), "guidance": guidance, "results": rows}
     write_json(os.path.join(out, "metrics.json"), result)
@@ -1188,12 +1285,17 @@ def evaluate(samplers, world, teacher, cfg, out, method, train_seconds, teacher_
     return rows
 
 
+def format_mmd(r):
+    return f"{r['mmd']:.4f} ± {r['mmd_se']:.4f}"
+
+
 def format_table(rows):
-    keys = ["sampler", "nfe", "swd", "swd_target", "mode_tv", "nll", "ode_err", "cond_acc", "ms_per_sample"]
+    keys = ["sampler", "nfe", "mmd", "swd", "swd_target", "mode_tv", "nll", "ode_err", "cond_acc", "ms_per_sample"]
     keys = [k for k in keys if any(k in r for r in rows)]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |")
+        lines.append("| " + " | ".join(format_mmd(r) if k == "mmd" and k in r else f"{r[k]:.4f}" if isinstance(r.get(k), float)
+                                       else str(r.get(k, "")) for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -1370,8 +1472,8 @@ def compare(cfg):
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
     os.makedirs(cfg.out, exist_ok=True)
-    columns = ["world", "sampler", "NFE", "swd", "mode_tv", "nll (data)", "ode_err", "cond_acc", "train s",
-               "step cost (x FM)", "ms/sample", "teacher NFE at equal swd", "speed-up at equal swd"]
+    columns = ["world", "sampler", "NFE", "mmd ± se", "swd", "mode_tv", "nll (data)", "ode_err", "cond_acc", "train s",
+               "step cost (x FM)", "ms/sample", "teacher NFE at equal mmd", "speed-up at equal mmd"]
     table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     costs_path = os.path.join(cfg.out, "bench.json")
     costs = json.load(open(costs_path)) if os.path.isfile(costs_path) and not cfg.rerun else {}
@@ -1402,7 +1504,7 @@ def compare(cfg):
             rows = [(f"{method} ({r['sampler']})", r, m["train_seconds"], costs[method])
                     for r in m["results"] if r["sampler"] not in ("teacher", "teacher_net", "data")]
             for name, row, seconds, cost in rows:
-                equal = next((t for t in teacher if t["swd"] <= row["swd"]), None)  # cheapest teacher as good
+                equal = next((t for t in teacher if t["mmd"] <= row["mmd"]), None)  # cheapest teacher as good
                 table.append(_compare_row(world, name, row, data_nll, f"{seconds:.0f}", f"{cost:.2f}",
                                           equal["nfe"] if equal else "> 32",
                                           f"{equal['ms_per_sample'] / max(row['ms_per_sample'], 1e-9):.1f}x" if equal else "-"))
@@ -1433,7 +1535,7 @@ def compare(cfg):
 
 def _compare_row(world, name, r, data_nll, seconds, cost, equal_nfe, speedup):
     fmt = lambda k: f"{r[k]:.4f}" if k in r else "-"
-    return (f"| {world} | {name} | {r['nfe']} | {fmt('swd')} | {fmt('mode_tv')} | {r['nll']:.3f} ({data_nll:.3f}) | "
+    return (f"| {world} | {name} | {r['nfe']} | {format_mmd(r)} | {fmt('swd')} | {fmt('mode_tv')} | {r['nll']:.3f} ({data_nll:.3f}) | "
             f"{fmt('ode_err')} | {fmt('cond_acc')} | {seconds} | {cost} | {r['ms_per_sample']:.3f} | {equal_nfe} | {speedup} |")
 
 

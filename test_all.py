@@ -195,6 +195,70 @@ def test_metrics_respond_to_distribution_errors():
     assert common.mean_nll(collapsed, world) < common.mean_nll(b, world)  # why nll is shown next to the data's value
 
 
+def _contract_spray_drop(world, x, gen):
+    """Samples of a world made wrong three ways: contracted toward their component, sprayed with extra noise,
+    and with one mode (one class, when the world has classes) left out."""
+    comp = world.nearest_component(x.double().reshape(len(x), -1))
+    mu = world.means[comp].float().reshape(x.shape)
+    sprayed = x + world.stds[comp].float().reshape(-1, *[1] * (x.ndim - 1)) * torch.randn(x.shape, generator=gen)
+    dropped = x[(world.labels[comp] if world.num_classes else comp) != 0]
+    return {"contracted": mu + 0.8 * (x - mu), "sprayed": sprayed, "dropped": dropped}
+
+
+def test_mmd_is_zero_for_true_samples_and_sees_shrinking_spraying_and_a_missing_mode():
+    """The headline distance: true samples score 0 within 3 standard errors (a biased V-statistic would not:
+    k(x, x) = sum of the scales is far above the SE); contracted, sprayed and mode-dropping samples score far
+    above 0, where swd against a second sample let contraction beat the data's own row."""
+    for name in ("8gaussians", "glyphs16"):  # 2 dimensions and 256, 8 modes and 320
+        world = common.make_world(name)
+        gen = torch.Generator().manual_seed(0)
+        x, _ = world.sample(4000, generator=gen)
+        value, se = common.mmd(x, world)
+        assert abs(value) < 3 * se, (name, value, se)
+        for kind, wrong in _contract_spray_drop(world, x, gen).items():
+            v, s = common.mmd(wrong, world)
+            assert v > 8 * s and v > value + 8 * se, (name, kind, v, s)
+
+
+def test_mmd_of_a_shifted_gaussian_matches_its_closed_form():
+    """World N(0, s^2 I) in D = 16, samples from N(delta, s^2 I). With h2 = D s^2 / 2 and D s^2 (a mode's width
+    and the total variance; one mode has no neighbours) and f_h(v) = (h2 / (h2 + v))^(D/2), each kernel scaled by
+    c_h = 1 / (f_{h/sqrt2}(2 s^2) - f_h(2 s^2)^2)^1/2, MMD^2 = sum_h c_h 2 f_h(2 s^2) (1 - exp(-|delta|^2 / (2 (h2 + 2 s^2))))."""
+    D, s = 16, 0.3
+    world = common.GaussianMixture([1.0], np.zeros((1, D)), [s])
+    assert np.allclose(world.kernel_bandwidths(), [D * s * s / 2, D * s * s])
+    f = lambda h2, v: (h2 / (h2 + v)) ** (D / 2)
+    delta = torch.zeros(D, dtype=torch.float64)
+    delta[:4] = 0.25
+    expected = sum(2 * f(h2, 2 * s * s) * (1 - math.exp(-float(delta @ delta) / (2 * (h2 + 2 * s * s))))
+                   / math.sqrt(f(h2 / 2, 2 * s * s) - f(h2, 2 * s * s) ** 2) for h2 in (D * s * s / 2, D * s * s))
+    x = delta + s * torch.randn(4000, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    value, se = common.mmd(x, world)
+    assert abs(value - expected) < 3 * se and se < expected / 5, (value, se, expected)
+
+
+def test_swd_against_a_mixture_uses_its_exact_quantiles():
+    """swd(x, world) meets each projection's exact quantiles (here checked by root-finding with scipy on a 1-D
+    mixture of unequal weights and widths): samples placed at those quantiles score ~0, true samples score their
+    own sampling noise only (below the two-sample swd), and a shrunk law is seen."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+    w, mu, s = np.array([0.2, 0.5, 0.3]), np.array([-2.0, 0.5, 3.0]), np.array([0.3, 0.8, 0.1])
+    world = common.GaussianMixture(w, mu[:, None], s)
+    n = 500
+    u = (np.arange(n) + 0.5) / n
+    exact = np.array([brentq(lambda q: (w * norm.cdf((q - mu) / s)).sum() - p, -10, 10, xtol=1e-12) for p in u])
+    got = world.projected_quantiles(torch.ones(1, 1, dtype=torch.float64), n)[:, 0].numpy()
+    assert np.abs(got - exact).max() < 1e-3, np.abs(got - exact).max()
+    assert common.swd(torch.tensor(exact)[:, None], world) < 1e-3
+    glyphs = common.make_world("glyphs16")
+    gen = torch.Generator().manual_seed(0)
+    a, _ = glyphs.sample(2000, generator=gen)
+    b, _ = glyphs.sample(2000, generator=gen)
+    assert common.swd(a, glyphs) < common.swd(a, b)
+    assert common.swd(0.9 * a, glyphs) > 2 * common.swd(a, glyphs)  # the whole law shrunk toward 0
+
+
 def test_evaluate_scores_a_sampler_against_its_own_target_law():
     """A sampler's optional "target" samples give swd_target (distance to the law it aims at, e.g. a guided
     one): small when the sampler draws that law, large when the target is another law; absent otherwise."""
@@ -235,11 +299,11 @@ def test_evaluate_adds_the_fitted_networks_own_euler_rows_with_the_analytic_teac
         net = {r["nfe"]: r for r in rows if r["sampler"] == "teacher_net"}
         assert sorted(net) == list(common.TEACHER_NFES)
         for n in common.TEACHER_NFES:  # same noise, labels and guidance: the exact network reproduces the teacher
-            for k in ("swd", "mode_tv", "nll", "cond_acc"):
+            for k in ("mmd", "swd", "mode_tv", "nll", "cond_acc"):
                 assert abs(net[n][k] - teacher[n][k]) < 1e-6 * max(1.0, abs(teacher[n][k])), (n, k, net[n], teacher[n])
         shifted = common.evaluate([], world, world, cfg, tmp, "test", 0.0, n=300, guidance=2.0,
                                   teacher_net=ExactVelocityNet(world, 0.5))
-        assert all(r["swd"] > teacher[r["nfe"]]["swd"] + 0.1 for r in shifted if r["sampler"] == "teacher_net")
+        assert all(r["mmd"] > teacher[r["nfe"]]["mmd"] + 5 * r["mmd_se"] for r in shifted if r["sampler"] == "teacher_net")
         learned = common.NetTeacher(ExactVelocityNet(world))  # a learned teacher is its own network: no extra rows
         rows = common.evaluate([], world, learned, cfg, tmp, "test", 0.0, n=100, teacher_net=learned.net)
         assert not any(r["sampler"] == "teacher_net" for r in rows)

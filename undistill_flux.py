@@ -26,9 +26,10 @@ The embedded default (CPU) reproduces the situation in miniature and measures it
      distilled by trajectory regression, not by adversarial diffusion distillation (whose details BFL
      did not publish). Cached under runs/cache;
   3. its un-distillation with LoRA or LoKr, flow matching on the world's samples, caption dropout, masking;
-  4. a table before/after: 4, 8, 32 Euler steps x CFG 1, 2, 4 with swd, cond_acc and swd_target (to the
-     exact CFG-guided law), next to the exact teacher on the same grid with the same CFG (CFG itself moves
-     samples off the data law, raising swd) and to a perfect toy schnell (the exact jumps it is distilled to).
+  4. a table before/after: 4, 8, 32 Euler steps x CFG 1, 2, 4 with mmd (to the data law), cond_acc and
+     swd_target (to the exact CFG-guided law), next to the exact teacher on the same grid with the same CFG (CFG
+     itself moves samples off the data law, raising mmd) and to a perfect toy schnell (the exact jumps it is
+     distilled to).
 
     python undistill_flux.py                              # the toy default, ~12 min on one core (cached after)
     python undistill_flux.py --adapter lokr               # LoKr instead of LoRA (factor 4)
@@ -1074,7 +1075,7 @@ def evaluate_toy(cfg, world, text, before, after, train_seconds, device):
 
     def euler(velocity, steps, w):  # an exact velocity field under the models' sampler: same grid, same CFG
         return lambda z, y: euler_sample(velocity, z, steps, y, w, time_grid(steps, cfg.time_shift, z[0].numel() // 16).float())
-    # the analytic teacher (what guidance itself costs in swd), and a distillation without error (what CFG and
+    # the analytic teacher (what guidance itself costs in mmd), and a distillation without error (what CFG and
     # many steps do to a schnell that follows its captions as well as its teacher)
     exact = {"exact": world.velocity, "exact schnell": perfect_schnell(world, cfg.distill_guidance)}
     samplers += [{"sampler": f"{name} cfg={w:g}", "nfe": steps, "fn": euler(velocity, steps, w), "target": guided[w]}
@@ -1085,12 +1086,12 @@ def evaluate_toy(cfg, world, text, before, after, train_seconds, device):
 
 
 def headline_table(rows, steps):
-    """swd / cond_acc / swd_target per (model, CFG) row and Euler-step column; schnell's own sampler and the
+    """mmd / cond_acc / swd_target per (model, CFG) row and Euler-step column; schnell's own sampler and the
     data below (the data row has no guided target)."""
     cells = {(r["sampler"], r["nfe"]): r for r in rows}
     names = dict.fromkeys(r["sampler"] for r in rows if "cfg=" in r["sampler"])
-    fmt = lambda r: f"{r['swd']:.4f} / {r['cond_acc']:.3f}" + (f" / {r['swd_target']:.4f}" if "swd_target" in r else "")
-    lines = ["| model, CFG | " + " | ".join(f"{s} steps: swd / cond_acc / swd_target" for s in steps) + " |",
+    fmt = lambda r: f"{r['mmd']:.4f} / {r['cond_acc']:.3f}" + (f" / {r['swd_target']:.4f}" if "swd_target" in r else "")
+    lines = ["| model, CFG | " + " | ".join(f"{s} steps: mmd / cond_acc / swd_target" for s in steps) + " |",
              "|---|" + "---|" * len(steps)]
     lines += [f"| {name} | " + " | ".join(fmt(cells[(name, s)]) for s in steps) + " |" for name in names]
     lines.append(f"| distilled, schnell's sampler (4 unshifted steps, no CFG) | {fmt(cells[('distilled schnell-sampler', 4)])} |")
