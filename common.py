@@ -28,7 +28,9 @@ import pickle
 import random
 import sys
 import tarfile
+import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,7 +177,36 @@ def parse_config(config_cls, argv=None):
     recipe = getattr(config_cls, "IMAGE_RECIPE", None)
     if recipe and is_image_world(cfg.data):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in recipe.items() if k not in given})
+    check_ranges(cfg)
     return cfg
+
+
+# Ranges of the fields several Configs share, checked by parse_config: a bad value stops before anything runs.
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_POSITIVE = (lambda v: v > 0, "positive")
+_NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
+FIELD_RANGES = {
+    **dict.fromkeys(["steps", "batch", "log_every", "ckpt_every", "eval_samples", "fid_samples", "bench_batch",
+                     "distill_steps", "distill_batch"], _AT_LEAST_1),
+    **dict.fromkeys(["lr", "fake_lr", "distill_lr"], _POSITIVE),
+    **dict.fromkeys(["warmup", "lr_warmup", "ema_start", "grad_clip", "weight_decay"], _NOT_NEGATIVE),
+    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
+def check_ranges(cfg):
+    for name, (ok, rule) in FIELD_RANGES.items():
+        value = getattr(cfg, name, None)
+        if value is not None and not ok(value):  # NaN fails every rule
+            fail(f"--{name.replace('_', '-')} {value} must be {rule}")
+    device = str(getattr(cfg, "device", "auto"))
+    if device != "auto":
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            fail(f"--device {device} is not a device; use auto, cpu, cuda or cuda:N")
+        if kind == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {device}, but this machine has no CUDA device; use --device cpu (or auto)")
 
 
 def floats(text):
@@ -411,15 +442,53 @@ def make_world(name):
         mu, labels = _glyph_prototypes()
         return GaussianMixture(np.ones(len(mu)), mu, np.full(len(mu), 0.05), labels, shape=(1, 16, 16), name=name)
     if name.endswith(".npz") and os.path.isfile(name):
-        f = np.load(name)
-        if not {"weights", "means", "stds"} & set(f.files):
+        f = read_npz(name)
+        if not {"weights", "means", "stds"} & set(f):
             return None  # an .npz of images or latents: real data
-        missing = {"weights", "means", "stds"} - set(f.files)
+        missing = {"weights", "means", "stds"} - set(f)
         if missing:
             fail(f"{name} lacks arrays {sorted(missing)}; a mixture .npz holds weights (K,), means (K, D), stds (K,)")
-        return GaussianMixture(f["weights"], f["means"], f["stds"], f["labels"] if "labels" in f.files else None,
-                               f["shape"] if "shape" in f.files else None, name=os.path.basename(name)[:-4])
+        check_mixture_arrays(name, f)
+        return GaussianMixture(f["weights"], f["means"], f["stds"], f.get("labels"), f.get("shape"),
+                               name=os.path.basename(name)[:-4])
     return None
+
+
+def read_npz(path):
+    """The arrays of an .npz as a dict (no pickled objects), or a one-line error naming the file."""
+    if not zipfile.is_zipfile(path):
+        fail(f"{path} is not an .npz file (not a zip archive of arrays); write it with numpy.savez")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:  # not a zip, truncated, or holding pickled objects
+        fail(f"cannot read {path} as an .npz of arrays ({type(e).__name__}: {str(e).splitlines()[0][:80]}); "
+             f"write it with numpy.savez")
+
+
+def check_mixture_arrays(name, f):
+    """Shapes and values of a mixture .npz: weights (K,) >= 0 with a positive sum, means (K, D), stds (K,) or
+    one value, > 0, labels (K,) integers >= 0, shape with prod = D; everything finite."""
+    weights, means, stds = (np.asarray(f[k]) for k in ("weights", "means", "stds"))
+    K = weights.shape[0] if weights.ndim == 1 else -1
+    problems = []
+    if K < 1 or not np.issubdtype(weights.dtype, np.number) or not np.isfinite(weights).all() or (weights < 0).any() \
+            or weights.sum() <= 0:
+        problems.append("weights must be (K,) finite, >= 0, not all 0")
+    if means.ndim != 2 or means.shape[0] != K or not np.issubdtype(means.dtype, np.number) or not np.isfinite(means).all():
+        problems.append(f"means must be (K, D) = ({K}, D), finite")
+    if stds.size not in (1, K) or not np.issubdtype(stds.dtype, np.number) or not np.isfinite(stds).all() or (stds <= 0).any():
+        problems.append(f"stds must be ({K},) or one value, finite, > 0")
+    if "labels" in f:
+        labels = np.asarray(f["labels"])
+        if labels.shape != (K,) or not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
+            problems.append(f"labels must be ({K},) integers >= 0")
+    if "shape" in f and means.ndim == 2:
+        shape = np.asarray(f["shape"])
+        if shape.ndim != 1 or not np.issubdtype(shape.dtype, np.integer) or int(np.prod(shape)) != means.shape[1]:
+            problems.append(f"shape must be integers whose product is D = {means.shape[1]}")
+    if problems:
+        fail(f"{name}: " + "; ".join(problems))
 
 
 def is_image_world(spec):
@@ -519,10 +588,16 @@ class DataSource:
         if _is_cifar(spec):
             images, labels = _load_cifar10(spec)
         elif spec.endswith(".npz"):
-            f = np.load(spec)
-            key = "arr_0" if "arr_0" in f.files else f.files[0]
-            images = f[key]
-            labels = f["labels"] if "labels" in f.files else (f["arr_1"] if "arr_1" in f.files else None)
+            f = read_npz(spec)
+            if not f:
+                fail(f"{spec} holds no arrays; expected images (N, H, W, C) uint8 or float latents (N, ...) as arr_0")
+            images = f["arr_0"] if "arr_0" in f else next(iter(f.values()))
+            labels = f.get("labels", f.get("arr_1"))
+            if images.dtype == np.uint8 and (images.ndim != 4 or images.shape[3] not in (1, 3)):
+                fail(f"{spec}: uint8 images must be (N, H, W, C) with C = 1 or 3, got {images.shape}")
+            if labels is not None and (labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer)
+                                       or (labels < 0).any()):
+                fail(f"{spec}: labels must be ({len(images)},) integers >= 0")
         elif os.path.isdir(spec):
             images, labels = _load_image_folder(spec, image_size)
         else:
@@ -843,11 +918,11 @@ class NetTeacher:
         return u_unc + cfg.view(-1, *[1] * (x.ndim - 1)) * (u_cond - u_unc)
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", mmap=False):
     if not os.path.isfile(path):
         fail(f"checkpoint {path} not found; train one with `python common.py teacher --data ...` or fix the path")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated file or a pickle with arbitrary objects
         fail(f"cannot read checkpoint {path} ({type(e).__name__}); expected a plain dict written by this project")
 
@@ -857,8 +932,13 @@ def load_teacher_net(path, device="cpu"):
     ckpt = load_checkpoint(path, device)
     if "backbone" not in ckpt or "ema" not in ckpt:
         fail(f"{path} is not a teacher checkpoint (needs 'backbone' and 'ema'); train one with `python common.py teacher`")
+    if "teacher" in ckpt.get("config", {}):  # every method's Config names its teacher; the teacher trainer's does not
+        fail(f"{path} is a student's checkpoint, not a teacher's; pass a `python common.py teacher` checkpoint")
     net = build_backbone(ckpt["backbone"]).to(device)
-    net.load_state_dict(ckpt["ema"])
+    try:
+        net.load_state_dict(ckpt["ema"])
+    except RuntimeError:
+        fail(f"{path}: its 'ema' weights do not fit its 'backbone'; pass a `python common.py teacher` checkpoint")
     return net.eval().requires_grad_(False)
 
 
@@ -964,8 +1044,9 @@ def save_checkpoint(path, obj):
 
 
 # Config fields that may change between a run and its resumption (everything else must match).
+# --lr may change too (the advice after a non-finite loss): load_training_state rescales the optimizers' lr.
 RESUMABLE_CHANGES = {"steps", "resume", "out", "device", "log_every", "eval_samples", "ckpt_every", "compile", "bench",
-                     "fid_ref", "fid_weights", "fid_samples"}
+                     "fid_ref", "fid_weights", "fid_samples", "lr"}
 
 
 def check_resume_config(ckpt_config, cfg, path):
@@ -978,13 +1059,25 @@ def check_resume_config(ckpt_config, cfg, path):
 
 def check_finite(loss, step, what="loss"):
     if not torch.isfinite(loss).all():
-        fail(f"non-finite {what} at step {step}; lower --lr, check the data scale, or resume from the last checkpoint")
+        fail(f"non-finite {what} at step {step}; check the data scale, or continue from the last checkpoint "
+             f"(written every --ckpt-every steps) with --resume and a lower --lr")
+
+
+def _finite(obj):
+    """obj with every non-finite float replaced by None: metrics.json stays valid JSON (NaN is not JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def write_json(path, obj):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(_finite(obj), f, indent=1, allow_nan=False)
     os.replace(tmp, path)
 
 
@@ -993,7 +1086,14 @@ class Logger:
 
     def __init__(self, out, total, start=0, desc="train"):
         self.main = is_main()
-        self.file = open(os.path.join(out, "log.jsonl"), "a") if self.main else None
+        self.file = None
+        if self.main:  # a fresh run starts the log; a resumed one keeps the lines up to its checkpoint's step
+            path = os.path.join(out, "log.jsonl")
+            kept = []
+            if start and os.path.isfile(path):
+                kept = [line for line in open(path) if line.strip() and json.loads(line).get("step", 0) <= start]
+            self.file = open(path, "w")
+            self.file.writelines(kept)
         self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, disable=not self.main,
                         mininterval=0.5 if sys.stderr.isatty() else 10)
 
@@ -1029,6 +1129,19 @@ def flow_matching_loss(net, x0, y=None, t=None, logit_mean=0.0, logit_std=1.0):
 def save_training_state(path, cfg, step, objects, data=None, extra=None):
     """Checkpoint (rank 0 writes, atomically): state_dicts of the named modules / optimizers, the step,
     the config, and every rank's RNG and data-iterator state, so that --resume continues exactly."""
+    finite = all(torch.isfinite(getattr(v, "_local_tensor", v)).all()  # this rank's shard under FSDP
+                 for o in objects.values() if not isinstance(o, torch.optim.Optimizer)
+                 for v in (unwrap(o) if isinstance(o, nn.Module) else o).state_dict().values()
+                 if torch.is_tensor(v) and v.is_floating_point())
+    if dist.is_initialized():
+        flag = torch.tensor([float(finite)], device=DIST.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag.item())
+    if not finite:  # a finite loss can still give a non-finite update: keep the last finite checkpoint
+        if os.path.isfile(path):
+            fail(f"non-finite weights at step {step}; {path} keeps the last finite checkpoint: continue from it with "
+                 f"--resume and a lower --lr")
+        fail(f"non-finite weights at step {step}, before any checkpoint; start again with a lower --lr")
     local = {"rng": rng_state(), "data": None if data is None else data.state_dict()}
     states = [None] * DIST.world
     if dist.is_initialized():
@@ -1049,8 +1162,12 @@ def load_training_state(path, cfg, objects, data=None, device="cpu"):
     check_resume_config(ckpt.get("config", {}), cfg, path)
     if len(ckpt["rng"]) != DIST.world:
         fail(f"{path} was written by {len(ckpt['rng'])} processes; resume with the same number (now {DIST.world})")
+    old_lr, new_lr = ckpt.get("config", {}).get("lr"), getattr(cfg, "lr", None)
     for name, o in objects.items():
         (unwrap(o) if isinstance(o, nn.Module) else o).load_state_dict(ckpt[name])
+        if isinstance(o, torch.optim.Optimizer) and old_lr and new_lr and new_lr != old_lr:
+            for group in o.param_groups:  # a changed --lr (schedules that set lr every step overwrite it anyway)
+                group["lr"] *= new_lr / old_lr
     if data is not None:
         data.load_state_dict(ckpt["data"][DIST.rank])
     set_rng_state(ckpt["rng"][DIST.rank])
@@ -1084,12 +1201,31 @@ def maybe_compile(model, enabled):
 
 
 def prepare_out(cfg):
-    """Check the flags the method files share, then create --out: every method calls this before its
-    first write, so a bad pair fails with nothing written."""
+    """Check the flags the method files share and the state of --out, then create it. Every method calls this
+    before its first write and before any fit, so a bad flag or an occupied --out fails with nothing written:
+    a new run refuses an --out that holds a checkpoint (--resume continues it, another --out starts afresh);
+    --resume needs a checkpoint of the same config (--lr may change) and --steps at least its step."""
     if bool(getattr(cfg, "fid_ref", "")) != bool(getattr(cfg, "fid_weights", "")):
         fail("FID needs both --fid-ref (reference statistics) and --fid-weights (Inception weights)")
+    if getattr(cfg, "bench", False):  # timing only: nothing is written
+        return
+    path = os.path.join(cfg.out, "ckpt.pt")
+    if cfg.resume:
+        if not os.path.isfile(path):
+            fail(f"--resume: there is no checkpoint {path}; drop --resume to start a new run in {cfg.out}")
+        ckpt = load_checkpoint(path, mmap=True)  # the config and step only: mmap reads no weights
+        check_resume_config(ckpt.get("config", {}), cfg, path)
+        if ckpt.get("step", 0) > cfg.steps:
+            fail(f"{path} is at step {ckpt['step']}, past --steps {cfg.steps}; pass --steps {ckpt['step']} or more")
+    elif os.path.exists(path):
+        fail(f"--out {cfg.out} holds an earlier run ({path}); add --resume to continue it, or pick another --out")
     if is_main():
-        os.makedirs(cfg.out, exist_ok=True)
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=cfg.out):
+                pass
+        except OSError as e:
+            fail(f"cannot write to --out {cfg.out} ({e.strerror or e}); pick a writable directory")
     barrier()
 
 
@@ -1445,7 +1581,7 @@ class CompareConfig:
     seed: int = 0
     eval_samples: int = 4000
     out: str = "runs/compare"
-    rerun: bool = True         # --no-rerun reuses finished runs and bench ratios under --out
+    rerun: bool = True         # --no-rerun keeps finished runs and bench ratios under --out and runs only the missing
 
 
 def _bench_rows(stdout):
@@ -1469,8 +1605,15 @@ def compare(cfg):
     """Run every method's default on the same worlds with the same seed and step budget (analytic
     teacher), collect metrics.json and the --bench step-cost ratios, and write compare.md and one
     picture per world with every method's samples next to the teacher's and the data's."""
+    import shutil
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
+    unknown = [m for m in _names(cfg.methods) if m not in ("scm", "dmd2", "freeflow", "piflow")]
+    if unknown or not _names(cfg.methods):
+        fail(f"--methods {cfg.methods!r}: choose from scm, dmd2, freeflow, piflow (comma-separated)")
+    for world in _names(cfg.worlds) or [""]:
+        if make_world(world) is None:
+            fail(f"--worlds: {world!r} is neither a preset ({', '.join(WORLD_PRESETS)}) nor a mixture .npz")
     os.makedirs(cfg.out, exist_ok=True)
     columns = ["world", "sampler", "NFE", "mmd ± se", "swd", "mode_tv", "nll (data)", "ode_err", "cond_acc", "train s",
                "step cost (x FM)", "ms/sample", "teacher NFE at equal mmd", "speed-up at equal mmd"]
@@ -1490,6 +1633,7 @@ def compare(cfg):
         for method in _names(cfg.methods):
             out = os.path.join(cfg.out, world, method)
             if cfg.rerun or not os.path.isfile(os.path.join(out, "metrics.json")):
+                shutil.rmtree(out, ignore_errors=True)  # a fresh run (a method refuses an --out holding a run)
                 cmd = [sys.executable, os.path.join(here, f"{method}.py"), "--data", world,
                        "--seed", str(cfg.seed), "--eval-samples", str(cfg.eval_samples), "--out", out]
                 cmd += [] if image else ["--steps", str(cfg.steps)]

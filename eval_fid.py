@@ -25,6 +25,7 @@ From a method file: fid = eval_fid.fid_of_samples(samples_in_minus1_1, "ref_stat
 import argparse
 import os
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -246,7 +247,7 @@ def read_images(path):
         fail(f"{path} does not exist")
     if not path.endswith(".npz"):
         fail(f"{path}: expected an image folder, an image .npz (arr_0) or a statistics .npz (mu, sigma)")
-    with np.load(path) as npz:
+    with open_npz(path) as npz:
         if "arr_0" not in npz.files:
             fail(f"{path} has neither arr_0 (images) nor mu/sigma (statistics), only {npz.files}")
         images = npz["arr_0"]
@@ -264,8 +265,11 @@ def image_batch(items):
         return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
     arrays = []
     for f in items:
-        with Image.open(f) as im:
-            arrays.append(np.asarray(im.convert("RGB")))
+        try:
+            with Image.open(f) as im:
+                arrays.append(np.asarray(im.convert("RGB")))
+        except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for truncated or corrupt files
+            fail(f"cannot read image {f} ({type(e).__name__}: {str(e)[:80]}); re-encode or remove it")
     if len({a.shape for a in arrays}) > 1:
         fail(f"images of different sizes near {items[0]}: resize the folder to one size first, as FID protocols do")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
@@ -310,10 +314,20 @@ def feature_stats(images, model, batch=50, device="cpu", distributed=None, desc=
     return stats_from_sums(*sums, desc=desc)
 
 
+def open_npz(path):
+    """np.load of an .npz of arrays (no pickled objects), or a one-line error naming the file."""
+    if not zipfile.is_zipfile(path):
+        fail(f"{path} is not an .npz file (not a zip archive of arrays)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        fail(f"cannot read {path} ({type(e).__name__}: {str(e)[:80]})")
+
+
 def is_stats_file(path):
     if not (path.endswith(".npz") and os.path.isfile(path)):
         return False
-    with np.load(path) as npz:  # opening an .npz reads only its index, not the arrays
+    with open_npz(path) as npz:  # opening an .npz reads only its index, not the arrays
         return {"mu", "sigma"} <= set(npz.files)
 
 
@@ -321,8 +335,26 @@ def load_stats(path):
     """(mu, sigma) from a statistics .npz (pytorch-fid's and EDM's format: arrays mu and sigma)."""
     if not is_stats_file(path):
         fail(f"{path} is not a statistics .npz with arrays mu and sigma")
-    with np.load(path) as npz:
-        return npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
+    with open_npz(path) as npz:
+        try:
+            mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
+        except (OSError, ValueError, EOFError) as e:  # a truncated member
+            fail(f"cannot read mu/sigma of {path} ({type(e).__name__})")
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        fail(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit (expected (d,) and (d, d))")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        fail(f"{path}: mu or sigma holds NaN or inf; recompute the statistics")
+    return mu, sigma
+
+
+def check_writable(path):
+    """Fail now, not after every feature is computed, when path cannot be written."""
+    try:
+        with open(f"{path}.tmp{os.getpid()}", "wb"):
+            pass
+        os.remove(f"{path}.tmp{os.getpid()}")
+    except OSError as e:
+        fail(f"cannot write {path} ({e.strerror or e}); pick a writable --save-stats path")
 
 
 def save_stats(path, mu, sigma):
@@ -399,6 +431,8 @@ def main():
     for path in (args.samples, args.ref):
         if path and not os.path.exists(path):
             fail(f"{path} does not exist")
+    if args.save_stats:
+        check_writable(args.save_stats)
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(args.device if args.device != "auto" else

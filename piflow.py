@@ -391,11 +391,11 @@ def check_config(cfg, world):
 def train(cfg):
     d = setup_dist(cfg.device, cfg.seed)
     nfes = check_config(cfg, d.world)
+    prepare_out(cfg)
     data = DataSource(cfg.bench_data if cfg.bench else cfg.data, seed=cfg.seed)
     batch = (cfg.bench_batch if cfg.bench else cfg.batch) // d.world
     # --bench: an untrained network stands in for the teacher, so the S teacher calls cost a network call each
     teacher, teacher_net = teacher_for(cfg, data, d.device, {"arch": cfg.arch, "hidden": cfg.hidden, "depth": cfg.depth})
-    prepare_out(cfg)
     k = cfg.num_components if cfg.policy == "gm" else cfg.dx_grid
     students, emas, opts, state = {}, {}, {}, {}
     for n in nfes:  # each NFE count is its own student (the segment grid is part of what it learns)

@@ -502,7 +502,163 @@ def test_cli_errors_are_one_line_and_nonzero():
         r = run([sys.executable, "common.py", "teacher", "--steps", "4", "--hidden", "32", "--out", out, "--resume"])
         assert r.returncode != 0 and "another config" in r.stderr and "hidden" in r.stderr and "Traceback" not in r.stderr
         r = run([sys.executable, "common.py", "teacher", "--steps", "4", "--out", os.path.join(tmp, "none"), "--resume"])
-        assert r.returncode != 0 and "not found" in r.stderr
+        assert r.returncode != 0 and "no checkpoint" in r.stderr and "drop --resume" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input and faults: a one-line error, a non-zero exit, and nothing lost
+
+def expect_fail(fn, *words):
+    """fn() must stop through common.fail (SystemExit "error: ...", one line) with every word in the message."""
+    try:
+        fn()
+    except SystemExit as e:
+        message = str(e)
+        assert message.startswith("error:") and "\n" not in message and all(w in message for w in words), message
+        return message
+    raise AssertionError(f"no error; expected one naming {words}")
+
+
+def test_non_finite_weights_are_never_saved_and_resume_takes_a_lower_lr():
+    """A finite loss can still give a NaN update: the checkpoint of the step before stays intact, metrics.json
+    is never written with NaN, and --resume accepts the lower --lr the error advises (and applies it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = common.TeacherConfig(out=tmp, lr=1e-3)
+        net = torch.nn.Linear(3, 2)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        path = os.path.join(tmp, "ckpt.pt")
+        expect_fail(lambda: common.save_training_state(path, cfg, 1, {"model": _nan_copy(net), "opt": opt}),
+                    "non-finite weights at step 1", "before any checkpoint", "lower --lr")
+        assert not os.path.exists(path)
+        common.save_training_state(path, cfg, 5, {"model": net, "opt": opt})
+        good = {k: v.clone() for k, v in net.state_dict().items()}
+        expect_fail(lambda: common.save_training_state(path, cfg, 6, {"model": _nan_copy(net), "opt": opt}),
+                    "step 6", path, "keeps the last finite checkpoint", "--resume", "lower --lr")
+        kept = torch.load(path, weights_only=True)
+        assert kept["step"] == 5 and all(torch.equal(kept["model"][k], good[k]) for k in good)
+        lower = dataclasses.replace(cfg, lr=1e-4, resume=True)
+        common.check_resume_config(kept["config"], lower, path)  # accepted: --lr may change on resume
+        assert common.load_training_state(path, lower, {"model": net, "opt": opt}) == 5
+        assert abs(opt.param_groups[0]["lr"] - 1e-4) < 1e-15
+        common.write_json(os.path.join(tmp, "m.json"), {"results": [{"nll": float("nan"), "swd": float("inf"), "ok": 1.5}]})
+        assert json.load(open(os.path.join(tmp, "m.json")))["results"] == [{"nll": None, "swd": None, "ok": 1.5}]
+    with tempfile.TemporaryDirectory() as tmp:  # end to end: lr 1 blows the weights up after a finite first loss
+        r = run([sys.executable, "common.py", "teacher", "--lr", "1e3", "--lr-warmup", "1", "--grad-clip", "1e9",
+                 "--steps", "4", "--ckpt-every", "1", "--hidden", "16", "--eval-samples", "100", "--out", tmp])
+        assert r.returncode != 0 and "non-finite" in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
+        assert not os.path.exists(os.path.join(tmp, "metrics.json"))
+        if os.path.exists(os.path.join(tmp, "ckpt.pt")):
+            kept = torch.load(os.path.join(tmp, "ckpt.pt"), weights_only=True)
+            assert all(torch.isfinite(v).all() for v in kept["ema"].values())
+
+
+def _nan_copy(net):
+    bad = copy.deepcopy(net)
+    with torch.no_grad():
+        next(bad.parameters())[0, 0] = float("nan")
+    return bad
+
+
+def test_out_and_resume_guard_earlier_runs():
+    """A new run refuses an --out holding a run (even another method's); --resume needs a checkpoint, the same
+    config and --steps at least its step, checked before any fit; log.jsonl keeps one line per step after a
+    resume; --steps 0 and other out-of-range values fail before anything is written."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "run")
+        base = ["common.py", "teacher", "--hidden", "16", "--eval-samples", "100", "--log-every", "1", "--ckpt-every", "2",
+                "--out", out]
+        assert run([sys.executable, *base, "--steps", "4"]).returncode == 0
+        r = run([sys.executable, *base, "--steps", "4"])
+        assert r.returncode != 0 and "holds an earlier run" in r.stderr and "--resume" in r.stderr
+        r = run([sys.executable, "scm.py", "--steps", "2", "--out", out])  # another method: refused before its fit
+        assert r.returncode != 0 and "holds an earlier run" in r.stderr and "fitting" not in r.stderr
+        r = run([sys.executable, *base, "--steps", "3", "--resume"])
+        assert r.returncode != 0 and "past --steps 3" in r.stderr
+        r = run([sys.executable, "scm.py", "--steps", "9", "--out", out, "--resume", "--teacher", "other.pt"])
+        assert r.returncode != 0 and "another config" in r.stderr and "fitting" not in r.stderr
+        with open(os.path.join(out, "log.jsonl"), "a") as f:  # lines logged after the last checkpoint, then a kill
+            f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
+        assert run([sys.executable, *base, "--steps", "6", "--resume"]).returncode == 0
+        steps = [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))]
+        assert steps == [1, 2, 3, 4, 5, 6], steps
+        for flags, words in [(["--steps", "0"], ("--steps 0", "at least 1")), (["--steps", "-1"], ("--steps -1",)),
+                             (["--batch", "0"], ("--batch",)), (["--lr", "-1"], ("--lr", "positive")),
+                             (["--log-every", "0"], ("--log-every",)), (["--ckpt-every", "0"], ("--ckpt-every",)),
+                             (["--eval-samples", "0"], ("--eval-samples",)), (["--ema-decay", "2"], ("--ema-decay", "[0, 1)")),
+                             (["--warmup", "-5"], ("--warmup",)), (["--lr", "nan"], ("--lr",)),
+                             (["--device", "nonsense"], ("--device",))]:
+            fresh = os.path.join(tmp, "fresh")
+            expect_fail(lambda: common.parse_config(scm.Config, [*flags, "--out", fresh]), *words)
+            assert not os.path.exists(fresh)
+        if not torch.cuda.is_available():
+            expect_fail(lambda: common.parse_config(dmd2.Config, ["--device", "cuda"]), "no CUDA", "--device cpu")
+        open(os.path.join(tmp, "file"), "w").write("x")
+        expect_fail(lambda: common.prepare_out(common.TeacherConfig(out=os.path.join(tmp, "file", "sub"))),
+                    "cannot write to --out", "file")
+
+
+def test_teacher_checkpoints_of_students_are_refused():
+    """A student's checkpoint as --teacher (FreeFlow's has backbone and ema keys; sCM's wraps the network)
+    stops with an error that names the file, instead of running or a load_state_dict traceback."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cfg in [("freeflow", small_freeflow_config(os.path.join(tmp, "ff"), steps=1, eval_samples=50)),
+                          ("scm", scm_config(os.path.join(tmp, "scm"), steps=1, eval_samples=50))]:
+            METHODS[name].train(cfg)
+            path = os.path.join(cfg.out, "ckpt.pt")
+            expect_fail(lambda: common.load_teacher_net(path), path, "student", "python common.py teacher")
+        spec = common.new_backbone((2,), 0, hidden=16, depth=1)._spec
+        wrong = common.new_backbone((2,), 0, hidden=32, depth=1).state_dict()
+        torch.save({"backbone": spec, "ema": wrong}, os.path.join(tmp, "w.pt"))
+        expect_fail(lambda: common.load_teacher_net(os.path.join(tmp, "w.pt")), "w.pt", "do not fit")
+
+
+def test_malformed_data_files_fail_with_the_file_and_the_fix():
+    with tempfile.TemporaryDirectory() as tmp:
+        good = dict(weights=np.ones(3), means=np.zeros((3, 4)), stds=np.full(3, 0.1), labels=np.array([0, 1, 1]))
+        cases = [({"stds": np.ones((3, 2))}, "stds"), ({"means": np.zeros((2, 4))}, "means"),
+                 ({"means": np.full((3, 4), np.nan)}, "finite"), ({"weights": np.array([1.0, -1, 1])}, "weights"),
+                 ({"labels": np.array([0.5, 1, 2])}, "labels"), ({"labels": np.array([0, 1])}, "labels"),
+                 ({"stds": np.zeros(3)}, "stds"), ({"shape": np.array([3, 3])}, "shape")]
+        for change, word in cases:
+            path = os.path.join(tmp, f"bad_{word}.npz")
+            np.savez(path, **{**good, **change})
+            expect_fail(lambda: common.make_world(path), path, word)
+        text = os.path.join(tmp, "text.npz")
+        open(text, "w").write("not an archive")
+        expect_fail(lambda: common.make_world(text), text, "not an .npz")
+        expect_fail(lambda: common.DataSource(text), text, "not an .npz")
+        nhw = os.path.join(tmp, "nhw.npz")
+        np.savez(nhw, np.zeros((4, 8, 8), np.uint8))
+        expect_fail(lambda: common.DataSource(nhw), nhw, "(N, H, W, C)")
+        r = run([sys.executable, "common.py", "compare", "--methods", "foo", "--out", os.path.join(tmp, "cmp")])
+        assert r.returncode != 0 and "--methods" in r.stderr and not os.path.exists(os.path.join(tmp, "cmp"))
+
+
+def test_eval_fid_and_safetensors_bad_files_fail_with_their_name():
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "imgs")
+        os.makedirs(folder)
+        Image.new("RGB", (8, 8)).save(os.path.join(folder, "a.png"))
+        open(os.path.join(folder, "b.png"), "wb").write(b"\x89PNG\r\n\x1a\n truncated")
+        expect_fail(lambda: eval_fid.image_batch(eval_fid.read_images(folder)), "b.png", "cannot read image")
+        text = os.path.join(tmp, "t.npz")
+        open(text, "w").write("text")
+        expect_fail(lambda: eval_fid.stats_of(text, None), text, "not an .npz")
+        # --save-stats that cannot be written fails first: before the corrupt image would be read
+        r = fid_cli([folder, "--save-stats", os.path.join(tmp, "missing", "s.npz"), "--random-weights"])
+        assert r.returncode != 0 and "cannot write" in r.stderr and "Traceback" not in r.stderr, r.stderr[-300:]
+        for name, mu, sigma, word in [("nan", np.full(4, np.nan), np.eye(4), "NaN"), ("sizes", np.zeros(4), np.eye(3), "fit")]:
+            path = os.path.join(tmp, f"{name}.npz")
+            np.savez(path, mu=mu, sigma=sigma)
+            expect_fail(lambda: eval_fid.load_stats(path), path, word)
+        for name, data in [("garbage", b"not safetensors at all"), ("truncated", None)]:
+            path = os.path.join(tmp, f"{name}.safetensors")
+            if data is None:
+                save_file({"w": torch.zeros(1000)}, path)
+                data = open(path, "rb").read()[:500]
+            open(path, "wb").write(data)
+            expect_fail(lambda: uf.read_safetensors(path), path, "safetensors")
+            expect_fail(lambda: uf.load_flux(path, "tiny"), path, "safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------

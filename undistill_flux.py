@@ -45,6 +45,7 @@ The embedded default (CPU) reproduces the situation in miniature and measures it
         --sample-steps 28 --cfg-scale 3.5 --no-cfg-steps 2 --height 1024 --width 1024 --bf16
   Sampling writes samples.safetensors with FLUX VAE latents; decode them with your FLUX autoencoder.
 """
+import contextlib
 import copy
 import fnmatch
 import glob
@@ -59,7 +60,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -384,6 +385,21 @@ def predict(model, x, t, cond, mask, guidance=None):
 DIFFUSERS_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.", "time_text_embed.")
 
 
+@contextlib.contextmanager
+def safetensors_errors(path):
+    """A truncated, corrupt or non-safetensors file stops with a one-line error that names it."""
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError) as e:
+        fail(f"cannot read {path} as safetensors ({type(e).__name__}: {' '.join(str(e).split())[:80]}); "
+             f"re-download or re-write the file")
+
+
+def read_safetensors(path):
+    with safetensors_errors(path):
+        return load_file(path)
+
+
 def load_flux(path, preset, device="cpu", dtype=torch.bfloat16):
     """A strict load: every key and shape of the preset, nothing else. Keys may carry ComfyUI's
     'model.diffusion_model.' prefix. Tensors are read one at a time and assigned to the meta-built model."""
@@ -393,7 +409,7 @@ def load_flux(path, preset, device="cpu", dtype=torch.bfloat16):
         model = Flux(**PRESETS[preset])
     expected = model.state_dict()
     state = {}
-    with safe_open(path, framework="pt", device=str(device)) as f:
+    with safetensors_errors(path), safe_open(path, framework="pt", device=str(device)) as f:
         names = {key.removeprefix("model.diffusion_model."): key for key in f.keys()}
         if any(n.startswith(DIFFUSERS_PREFIXES) for n in names):
             fail(f"{path} is in diffusers layout (transformer_blocks.N.attn.to_q/to_k/to_v, single_transformer_blocks.N, "
@@ -521,7 +537,7 @@ def load_adapters(model, path):
     """Recreate the adapters a file describes (kind, rank and factors read from the tensors) and load them."""
     if not os.path.isfile(path):
         fail(f"adapter file {path} not found")
-    tensors = load_file(path)
+    tensors = read_safetensors(path)
     layers = sorted({k.rsplit(".", 1)[0] for k in tensors})
     for name in layers:
         try:
@@ -659,7 +675,7 @@ class LatentShards:
         self.files = files[common.DIST.rank::common.DIST.world]
         if not self.files:
             fail(f"{len(files)} shards cannot feed {common.DIST.world} processes; write at least one shard per process")
-        self.empty = {k: v.float() if k != "t5_mask" else v.bool() for k, v in load_file(empty_path).items() if k in SHARD_KEYS}
+        self.empty = {k: v.float() if k != "t5_mask" else v.bool() for k, v in read_safetensors(empty_path).items() if k in SHARD_KEYS}
         self.gen = torch.Generator().manual_seed(seed * 1000 + common.DIST.rank)
         self.epoch, self.file_pos, self.row_pos = 0, 0, 0
         self.file_order = torch.randperm(len(self.files), generator=self.gen)
@@ -667,7 +683,7 @@ class LatentShards:
 
     @staticmethod
     def check(path, params):
-        with safe_open(path, framework="pt") as f:
+        with safetensors_errors(path), safe_open(path, framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         need = {"t5", "t5_mask", "clip_pooled"} | (set() if path.endswith("empty_prompt.safetensors") else {"latents"})
         if need - set(shapes):
@@ -686,7 +702,7 @@ class LatentShards:
         return shapes["t5"][1]
 
     def _open(self):
-        self.shard = load_file(self.files[int(self.file_order[self.file_pos])])
+        self.shard = read_safetensors(self.files[int(self.file_order[self.file_pos])])
         g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.gen)))
         self.row_order = torch.randperm(len(self.shard["latents"]), generator=g)
 
@@ -714,7 +730,7 @@ class LatentShards:
     def load_state_dict(self, s):
         self.gen.set_state(s["gen"])
         self.epoch, self.file_pos, self.file_order = s["epoch"], s["file_pos"], s["file_order"]
-        self.shard = load_file(self.files[int(self.file_order[self.file_pos])])
+        self.shard = read_safetensors(self.files[int(self.file_order[self.file_pos])])
         self.row_order, self.row_pos = s["row_order"], s["row_pos"]
 
 
@@ -1112,7 +1128,7 @@ def sample_from_prompts(cfg):
     if cfg.adapter_file:
         load_adapters(model, cfg.adapter_file)
         merge_adapters(model)
-    p = {k: v.to(d.device) for k, v in load_file(cfg.sample_prompts).items()}
+    p = {k: v.to(d.device) for k, v in read_safetensors(cfg.sample_prompts).items()}
     dtype = next(model.parameters()).dtype
     cast = lambda c: {"t5": c["t5"].to(dtype), "t5_mask": c["t5_mask"].bool(), "clip_pooled": c["clip_pooled"].to(dtype)}
     cond = cast(p)
