@@ -981,6 +981,8 @@ def fit_to_world(world, arch_kwargs=None, steps=None, batch=None, lr=1e-3, devic
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if not all(torch.isfinite(p).all() for p in net.parameters()):  # never cache a diverged network
+            fail(f"the fit to {world.name} diverged (non-finite weights); check the world's scale, nothing was cached")
         save_checkpoint(path, {"backbone": net._spec, "ema": net.state_dict(), "fit_loss": loss.item()})
     barrier()
     return load_teacher_net(path, device)
