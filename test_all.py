@@ -565,20 +565,21 @@ def test_out_and_resume_guard_earlier_runs():
     resume; --steps 0 and other out-of-range values fail before anything is written."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "run")
-        base = ["common.py", "teacher", "--hidden", "16", "--eval-samples", "100", "--log-every", "1", "--ckpt-every", "2",
-                "--out", out]
-        assert run([sys.executable, *base, "--steps", "4"]).returncode == 0
-        r = run([sys.executable, *base, "--steps", "4"])
-        assert r.returncode != 0 and "holds an earlier run" in r.stderr and "--resume" in r.stderr
-        r = run([sys.executable, "scm.py", "--steps", "2", "--out", out])  # another method: refused before its fit
-        assert r.returncode != 0 and "holds an earlier run" in r.stderr and "fitting" not in r.stderr
-        r = run([sys.executable, *base, "--steps", "3", "--resume"])
-        assert r.returncode != 0 and "past --steps 3" in r.stderr
-        r = run([sys.executable, "scm.py", "--steps", "9", "--out", out, "--resume", "--teacher", "other.pt"])
-        assert r.returncode != 0 and "another config" in r.stderr and "fitting" not in r.stderr
+        base = dict(hidden=16, depth=1, batch=64, eval_samples=100, log_every=1, ckpt_every=2, out=out)
+        common.train_teacher(common.TeacherConfig(steps=4, **base))
+        expect_fail(lambda: common.train_teacher(common.TeacherConfig(steps=4, **base)), "holds an earlier run", "--resume")
+        fits = []
+        original_fit, common.fit_to_world = common.fit_to_world, lambda *a, **k: fits.append(1)
+        try:  # another method into it, or resuming with another teacher: refused before any fit
+            expect_fail(lambda: scm.train(scm.Config(steps=2, out=out)), "holds an earlier run")
+            expect_fail(lambda: scm.train(scm.Config(steps=9, out=out, resume=True, teacher="other.pt")), "another config")
+        finally:
+            common.fit_to_world = original_fit
+        assert not fits
+        expect_fail(lambda: common.train_teacher(common.TeacherConfig(steps=3, resume=True, **base)), "past --steps 3")
         with open(os.path.join(out, "log.jsonl"), "a") as f:  # lines logged after the last checkpoint, then a kill
             f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
-        assert run([sys.executable, *base, "--steps", "6", "--resume"]).returncode == 0
+        common.train_teacher(common.TeacherConfig(steps=6, resume=True, **base))
         steps = [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))]
         assert steps == [1, 2, 3, 4, 5, 6], steps
         for flags, words in [(["--steps", "0"], ("--steps 0", "at least 1")), (["--steps", "-1"], ("--steps -1",)),
