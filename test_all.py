@@ -2129,6 +2129,108 @@ def test_scm_trigflow_teacher_reproduces_the_rectified_flow_ode_solution():
     assert torch.allclose(scale, torch.tensor([1.0, 0.5], dtype=torch.float64))
 
 
+def trigflow_velocity_oracle(world, x_t, t, sigma_d):
+    """E[dx_t/dt | x_t] for x_t = cos t x0 + sin t z, z ~ N(0, sigma_d^2 I), from first principles: dx_t/dt =
+    cos t z - sin t x0, with E[x0 | x_t] from the exact mixture posterior (x_t / (cos t + sigma_d sin t) is the
+    rectified-flow state at r = sigma_d sin t / (cos t + sigma_d sin t)) and E[z | x_t] = (x_t - cos t E[x0]) / sin t."""
+    scale = torch.cos(t) + sigma_d * torch.sin(t)
+    x0_mean = world.x0_mean(x_t / scm.bc(scale, x_t), sigma_d * torch.sin(t) / scale)
+    z_mean = (x_t - scm.bc(torch.cos(t), x_t) * x0_mean) / scm.bc(torch.sin(t), x_t)
+    return scm.bc(torch.cos(t), x_t) * z_mean - scm.bc(torch.sin(t), x_t) * x0_mean
+
+
+class ExactVelocityBackbone(torch.nn.Module):
+    """A 'backbone' N(x_r, r, y, g) that returns the mixture's exact rectified-flow velocity."""
+
+    def __init__(self, world):
+        super().__init__()
+        self.world = world
+
+    def forward(self, x, r, y=None, g=None):
+        return self.world.velocity(x, r, y)
+
+
+def image_mixture(seed=0):
+    """Three Gaussians of unequal weights and widths on (2, 2, 2)-shaped samples (several pixels and channels)."""
+    gen = torch.Generator().manual_seed(seed)
+    return common.GaussianMixture([1.0, 2.0, 1.0], torch.randn(3, 8, generator=gen, dtype=torch.float64),
+                                  [0.3, 0.2, 0.4], shape=(2, 2, 2))
+
+
+def test_scm_student_wrapper_starts_as_the_teachers_trigflow_velocity():
+    """F(x~, t) = ((sigma_d cos t - sin t) x~ + N(sigma_d x~ / scale, r)) / scale: with N the exact rectified-flow
+    velocity, sigma_d F is the exact TrigFlow velocity E[dx_t/dt | x_t] (computed from first principles), and so is
+    the converted teacher; for sigma_d = 0.5 and 1.3."""
+    world = image_mixture()
+    gen = torch.Generator().manual_seed(1)
+    x0, _ = world.sample(64, generator=gen)
+    t = torch.rand(64, generator=gen, dtype=torch.float64) * 1.5 + 0.03
+    for sd in (0.5, 1.3):
+        x_t = scm.bc(torch.cos(t), x0) * x0.double() + scm.bc(torch.sin(t), x0) * sd * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+        oracle = trigflow_velocity_oracle(world, x_t, t, sd)
+        student = scm.TrigFlowStudent(ExactVelocityBackbone(world), sd)
+        assert (sd * student(x_t / sd, t) - oracle).abs().max() < 1e-9, sd
+        assert (scm.teacher_trigflow_velocity(world, x_t, t, None, 1.0, sd) - oracle).abs().max() < 1e-9, sd
+
+
+def test_scm_multistep_sampler_renoises_its_estimate_with_sigma_d_noise():
+    """Between steps the sampler draws x = cos t x0_hat + sin t z with z ~ N(0, sigma_d^2 I) (§5.2). With F = 0,
+    f(x, t) = cos t x; from eps = 0 the first step gives x0_hat = 0, so the output is cos t2 sin t2 sigma_d z:
+    its spread pins the re-noising scale."""
+    class ZeroStudent(torch.nn.Module):
+        sigma_d = 0.5
+
+        def forward(self, x, t, y=None, g=None):
+            return torch.zeros_like(x)
+    torch.manual_seed(0)
+    t2 = 0.9
+    out = scm.sample(ZeroStudent(), torch.zeros(20000, 2, 2), None, [1.4, t2])
+    expected = math.cos(t2) * math.sin(t2) * 0.5
+    assert abs(out.std().item() / expected - 1) < 0.03, (out.std().item(), expected)
+
+
+def test_scm_loss_value_and_gradient_match_algorithm_1_computed_independently():
+    """One scm_loss on an image-shaped mixture against Algorithm 1 written out here, for sCD (the exact teacher's
+    TrigFlow velocity) and sCT (dx_t/dt = cos t z - sin t x0), at warmup r = 0.7: the proposal tan t = e^tau /
+    sigma_d, z ~ N(0, sigma_d^2 I), the tangent g = -cos^2 t (sigma_d F^- - dx_t/dt) - r cos t sin t (x_t + sigma_d
+    dF^-/dt) with dF^-/dt by a float64 central difference, g / (||g|| + c), the stop-gradient on F^- and the
+    adaptive weight e^w mse - w. The loss's gradient must equal that of e^w.detach() (-2/D) <F, target> +
+    e^w mean(target^2) - w."""
+    world = image_mixture()
+    torch.manual_seed(0)
+    net = scm.TrigFlowStudent(randomize(common.new_backbone((2, 2, 2), 0, hidden=16, depth=1, time_scale=10.0)), 0.5)
+    torch.nn.init.normal_(net.weight_head.weight, std=0.3)
+    torch.nn.init.constant_(net.weight_head.bias, 0.2)
+    params = list(net.parameters())
+    x0, _ = world.sample(6, generator=torch.Generator().manual_seed(2))
+    for mode in ("scd", "sct"):
+        cfg = types.SimpleNamespace(sigma_d=0.5, p_mean=-1.0, p_std=1.4, mode=mode, guidance=1.0, jvp="jvp", fd_step=1e-4,
+                                    tangent_c=0.1, tangent_norm="l2")
+        torch.manual_seed(3)
+        loss, _ = scm.scm_loss(net, world, x0, None, None, 0.7, cfg)
+        grads = torch.autograd.grad(loss, params)
+        torch.manual_seed(3)  # the same draws, in the order of Algorithm 1
+        tau = cfg.p_mean + cfg.p_std * torch.randn(len(x0))
+        z = cfg.sigma_d * torch.randn_like(x0)
+        sd, t = cfg.sigma_d, torch.atan(torch.exp(tau) / cfg.sigma_d).double()
+        cos, sin = scm.bc(torch.cos(t), x0), scm.bc(torch.sin(t), x0)
+        x_t = cos * x0.double() + sin * z.double()
+        dxdt = cos * z.double() - sin * x0.double() if mode == "sct" else trigflow_velocity_oracle(world, x_t, t, sd)
+        net64, h = copy.deepcopy(net).double(), 1e-5
+        with torch.no_grad():
+            F_minus = net64(x_t / sd, t)
+            dF_dt = (net64((x_t + h * dxdt) / sd, t + h) - net64((x_t - h * dxdt) / sd, t - h)) / (2 * h)
+        g = -cos ** 2 * (sd * F_minus - dxdt) - 0.7 * cos * sin * (x_t + sd * dF_dt)
+        target = (g / scm.bc(g.flatten(1).norm(dim=1) + cfg.tangent_c, g)).float()
+        F, w = net(x_t.float() / sd, t.float(), return_weight=True)
+        D = target[0].numel()
+        mse = target.flatten(1).pow(2).mean(1)
+        assert abs(loss.item() - (torch.exp(w) * mse - w).mean().item()) < 1e-4 * abs(loss.item()), mode
+        surrogate = (torch.exp(w).detach() * (-2 / D) * (F * target).flatten(1).sum(1) + torch.exp(w) * mse - w).mean()
+        for a, b in zip(grads, torch.autograd.grad(surrogate, params)):
+            assert (a - b).abs().max() <= 2e-3 * b.abs().max() + 1e-7, (mode, float((a - b).abs().max()), float(b.abs().max()))
+
+
 def scm_config(out, **kw):
     return scm.Config(**{"out": out, "hidden": 32, "depth": 2, "batch": 128, "steps": 80, "warmup": 20,
                          "log_every": 20, "ckpt_every": 40, "eval_samples": 300, "device": "cpu", **kw})
