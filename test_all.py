@@ -1061,6 +1061,61 @@ def small_freeflow_config(out, **kw):
                               "log_every": 20, "ckpt_every": 60, "eval_samples": 300, "device": "cpu", **kw})
 
 
+def test_freeflow_loss_gradient_matches_the_papers_update_computed_independently():
+    """One freeflow_loss on a labelled image-shaped mixture (CFG gamma > 1) against the combined update written
+    out here: for prediction rows (delta ~ U^2) Delta_G = F + delta dF/d(delta) - u(z - delta F, 1 - delta) with a
+    float64 central difference, weight (|Delta_G|^2 / d + eps)^-k; for correction rows (delta = 1) x_hat = z - F,
+    x_r = (1 - r) x_hat + r n, Delta_N = v_g(x_r, r) - u(x_r, r) with CFG only for t <= corr_guidance_max;
+    lambda = alpha E|Delta_G| / E|Delta_N|; the gradient is that of [sum w <F, Delta_G> + lambda sum <F, Delta_N>] / (B d),
+    F always evaluated from t = 1 (the prior). Checked for k = 1 and k = 0.5."""
+    world = common.GaussianMixture([1.0, 2.0, 1.5], torch.randn(3, 8, generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.float64), [0.3, 0.2, 0.4], labels=[0, 1, 1], shape=(2, 2, 2))
+    torch.manual_seed(0)
+    net = randomize(common.new_backbone((2, 2, 2), 2, hidden=16, depth=1, use_s=True, use_g=True, time_scale=1.0))
+    params = list(net.parameters())
+    fake = lambda x, r, y, g: 0.3 * x - scm.bc(r, x) + 0.1 * scm.bc(g, x)  # any fixed function stands in for g
+    B = 8
+    z = torch.randn(B, 2, 2, 2, generator=torch.Generator().manual_seed(1))
+    y, gamma = torch.tensor([0, 1] * 4), torch.full((B,), 2.0)
+    for k in (1.0, 0.5):
+        cfg = types.SimpleNamespace(objective="both", pred_frac=0.75, delta_power=2.0, weight_eps=1e-2, power_k=k,
+                                    lambda_weighted=False, alpha=1.0, r_logit_mean=0.8, r_logit_std=1.0, corr_guidance_max=0.7)
+        torch.manual_seed(2)
+        loss, _ = freeflow.freeflow_loss(net, world, fake, z, y, gamma, cfg)
+        grads = torch.autograd.grad(loss, params)
+        torch.manual_seed(2)  # the same draws: delta, then r and n of the correction rows
+        delta = torch.rand(B).pow(2.0)
+        delta[6:] = 1.0
+        r = torch.sigmoid(0.8 + torch.randn(2))
+        n = torch.randn(2, 2, 2, 2)
+        F = net(z, torch.ones(B), y, s=delta, g=gamma)
+        net64 = copy.deepcopy(net).double()
+        Fd = lambda dd: net64(z[:6].double(), torch.ones(6, dtype=torch.float64), y[:6], s=dd, g=gamma[:6].double())
+        with torch.no_grad():
+            d6, h = delta[:6].double(), 1e-5
+            F6 = Fd(d6)
+            dF = (Fd(d6 + h) - Fd(d6 - h)) / (2 * h)
+            delta_G = (F6 + scm.bc(d6, F6) * dF - world.velocity(z[:6].double() - scm.bc(d6, F6) * F6, 1 - d6, y[:6], 2.0)).float()
+            w = (delta_G.flatten(1).pow(2).mean(1) + 1e-2).pow(-k)
+            x_hat = (z[6:] - F[6:]).double()
+            x_r = (1 - scm.bc(r, x_hat)) * x_hat + scm.bc(r, x_hat) * n
+            u = world.velocity(x_r, r.double(), y[6:], torch.where(r <= 0.7, 2.0, 1.0).double())
+            delta_N = (fake(x_r, r.double(), y[6:], gamma[6:].double()) - u).float()
+            lam = delta_G.flatten(1).norm(dim=1).mean() / delta_N.flatten(1).norm(dim=1).mean()
+        surrogate = ((w * (F[:6] * delta_G).flatten(1).sum(1)).sum() + lam * (F[6:] * delta_N).sum()) / (B * 8)
+        for a, b in zip(grads, torch.autograd.grad(surrogate, params)):
+            assert (a - b).abs().max() <= 2e-3 * b.abs().max() + 1e-8, (k, float((a - b).abs().max()), float(b.abs().max()))
+
+
+def test_freeflow_one_step_sample_is_z_minus_the_average_velocity_from_the_prior():
+    """x0 = f(z, 1) = z - F(z, t = 1, delta = 1) (the map starts at the prior and jumps the whole interval)."""
+    torch.manual_seed(0)
+    net = randomize(common.new_backbone((2, 2, 2), 2, hidden=16, depth=1, use_s=True, use_g=True))
+    z, y, gamma = torch.randn(5, 2, 2, 2), torch.tensor([0, 1, 0, 1, 0]), torch.full((5,), 1.5)
+    expected = z - net(z, torch.ones(5), y, s=torch.ones(5), g=gamma)
+    assert torch.allclose(freeflow.one_step_sample(net, z, y, gamma), expected, atol=1e-6)
+
+
 def test_freeflow_training_never_touches_data():
     """The loop takes noise and labels only: from the moment the teacher exists until evaluation,
     drawing a data batch or a sample of the world raises."""
