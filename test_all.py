@@ -1546,6 +1546,111 @@ def test_piflow_gm_start_velocity_temperature_and_dropout():
             assert torch.isfinite(dropped.velocity(torch.randn_like(dropped.x_s), dropped.sigma_s * 0.5)).all()
 
 
+def test_piflow_image_policy_is_the_per_pixel_policy():
+    """An image GM policy (per-pixel log-weights, shared log-std) is a product over pixels: its velocity at every
+    pixel equals that of the one-pixel policy (channels only) built from that pixel's outputs, the case the
+    analytic-teacher test pins. Summing the log-weight update over pixels as well would couple them."""
+    policy, means_u, logweights = random_gm_policy((2, 3, 3), k=4, batch=8)
+    x, sigma = torch.randn_like(policy.x_s), policy.sigma_s * 0.4
+    v = policy.velocity(x, sigma)
+    logstd = (policy.var.sqrt() / policy.sigma_s).log()
+    for i in range(3):
+        for j in range(3):
+            pixel = piflow.GMPolicy(means_u[..., i, j], logweights[..., 0, i, j][:, :, None], logstd,
+                                    policy.x_s[..., i, j], policy.sigma_s)
+            assert (pixel.velocity(x[..., i, j], sigma) - v[..., i, j]).abs().max() < 1e-10, (i, j)
+
+
+def test_piflow_temperature_raises_the_density_to_the_power_one_over_T():
+    """Temperature T samples p(x0)^(1/T): a single Gaussian's variance becomes v T, and separated components
+    get mass A_k^(1/T) / Z; checked against p^(1/T) integrated numerically on a 1-D grid."""
+    means_u = torch.tensor([[[-3.0], [3.0]]], dtype=torch.float64)  # (B=1, K=2, C=1): x0 means x_s - sigma_s mu
+    logweights = torch.tensor([[[0.0], [1.0]]], dtype=torch.float64)
+    x_s, sigma_s, logstd = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, dtype=torch.float64), torch.full((1,), -1.0, dtype=torch.float64)
+    grid = torch.linspace(-8, 8, 20001, dtype=torch.float64)
+    for T in (0.5, 2.0):
+        base = piflow.GMPolicy(means_u, logweights, logstd, x_s, sigma_s)
+        hot = piflow.GMPolicy(means_u, logweights, logstd, x_s, sigma_s).temperature_(T)
+        comps = base.means[0, :, 0]
+        log_p = torch.logsumexp(base.logweights[0, :, 0, None] - (grid - comps[:, None]) ** 2 / (2 * base.var)
+                                - 0.5 * torch.log(2 * math.pi * base.var), 0)
+        p_T = torch.exp(log_p / T)
+        p_T = p_T / p_T.sum()
+        for k in range(2):  # component k owns the half-line of its mean
+            side = torch.sign(grid) == torch.sign(comps[k])
+            mass = float(p_T[side].sum())
+            assert abs(mass - float(hot.logweights[0, k].exp())) < 1e-3, (T, k, mass)
+            var = float((p_T[side] * (grid[side] - comps[k]) ** 2).sum() / mass)
+            assert abs(var / float(hot.var) - 1) < 1e-3, (T, k, var, float(hot.var))
+
+
+def test_piflow_sampler_tempers_every_segment_but_the_last():
+    """The sampler's temperature applies to all but the last segment (reference: T = 0.3 at 4 NFE on T2I): with
+    the exact posterior as the student, 1 NFE at T = 0.3 is the untempered sampler, 2 NFE at T = 0.3 is not."""
+    world = shared_std_world(dim=2)
+    z = torch.randn(100, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    plain, hot = piflow.Config(), piflow.Config(temperature=0.3)
+    student = ExactGMStudent(world)
+    assert (piflow.sample(student, z, None, 1, hot) - piflow.sample(student, z, None, 1, plain)).abs().max() < 1e-12
+    assert (piflow.sample(student, z, None, 2, hot) - piflow.sample(student, z, None, 2, plain)).abs().max() > 1e-2
+
+
+def test_piflow_piid_segment_loss_follows_its_definition():
+    """One pi-ID segment (S = 1, window W = 4 of 8 substeps, GM dropout 0.5) against its definition: the on-policy
+    state x_a is rolled out by the detached policy *with* dropout from tau_s to tau_a = tau_s - U (L - window);
+    the regressed velocity is the trained policy's (without dropout) mean over [tau_a - window, tau_a]; the
+    target the teacher's (CFG 2) at x_a; loss = scale / 2 * mean (u_policy - u_teacher)^2."""
+    world = image_mixture()
+    labelled = common.GaussianMixture(world.weights, world.means, world.stds, labels=[0, 1, 1], shape=(2, 2, 2))
+    teacher_net = randomize(common.new_backbone((2, 2, 2), 2, arch="mlp", hidden=16, depth=1))
+    torch.manual_seed(0)
+    student = piflow.Student(teacher_net, "gm", 3)
+    cfg = piflow.Config(num_intermediate=1, window_substeps=4, total_substeps=16, gm_dropout=0.5, guidance=2.0, shift=1.0)
+    B = 6
+    x_s = torch.randn(B, 2, 2, 2, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1] * 3)
+    tau_s, tau_dst = torch.full((B,), 1.0, dtype=torch.float64), torch.full((B,), 0.5, dtype=torch.float64)
+    torch.manual_seed(4)
+    loss = piflow.piid_segment(student, labelled, x_s, tau_s, tau_dst, y, cfg)[0]
+    torch.manual_seed(4)  # the same draws: dropout keep-mask (B, K), then the state's time
+    with torch.no_grad():
+        policy = piflow.GMPolicy(*student(x_s, tau_s.float(), y), x_s, tau_s.float())
+        keep = torch.rand(B, 3) >= 0.5
+        keep = keep | ~keep.any(1, keepdim=True)
+        dropped = copy.copy(policy)
+        dropped.logweights = torch.log_softmax(policy.logweights.masked_fill(~keep[:, :, None, None, None], -float("inf")), 1)
+        window = 4 * 0.5 / round(0.5 * cfg.total_substeps)
+        tau_a = tau_s - torch.rand(B, 1, dtype=torch.float64)[:, 0] * (0.5 - window)
+        x_a = piflow.rollout(dropped, x_s, tau_s, tau_a, cfg)
+        u_teacher = labelled.velocity(x_a, tau_a.float(), y, 2.0)
+        x_e = piflow.rollout(policy, x_a, tau_a, tau_a - window, cfg)
+        u_policy = (x_a - x_e) / window
+        expected = cfg.loss_scale * 0.5 * (u_policy - u_teacher).pow(2).flatten(1).mean(1)
+    assert (loss[:, 0] - expected).abs().max() < 1e-4 * expected.abs().max(), (loss[:, 0], expected)
+
+
+def test_piflow_datafree_step_weights_each_segment_by_its_length():
+    """Alg. 3: the data-free loss is sum_i (tau_i - tau_(i+1)) * mean loss of segment i (here with a final step
+    scale of 0.5, so the segments differ in length), each backpropagated in turn."""
+    seen = []
+
+    def fake_segment(model, teacher, x, tau_s, tau_dst, y, cfg, mix_ratio):
+        value = float(len(seen) + 1)  # segment i has mean loss i + 1
+        seen.append(float(tau_s[0] - tau_dst[0]))
+        return torch.full((len(x), 1), value, requires_grad=True), x, tau_dst, None
+    original = piflow.piid_segment, piflow.rollout
+    piflow.piid_segment, piflow.rollout = fake_segment, lambda policy, x, a, b, cfg: x
+    try:
+        cfg = piflow.Config(trainer="datafree", final_step_scale=0.5)
+        total = piflow.piid_step(None, None, torch.zeros(4, 2), None, 3, cfg, 0.0)
+    finally:
+        piflow.piid_segment, piflow.rollout = original
+    lengths = piflow.segment_times(3, 0.5)
+    lengths = (lengths[:-1] - lengths[1:]).tolist()
+    assert np.allclose(seen, lengths) and len(set(np.round(lengths, 6))) == 2, (seen, lengths)
+    assert abs(total - sum((i + 1) * L for i, L in enumerate(lengths))) < 1e-6, total
+
+
 def test_piflow_dx_interpolation_and_rollout_substep_rule():
     # DX: at the N grid times of its segment (uniform in raw time) x0_hat is that grid point
     g = torch.Generator().manual_seed(0)
