@@ -3,8 +3,10 @@ All tests. `python test_all.py` runs them (prints `N passed, N failed`, exits no
 `python test_all.py mixture` runs those whose name contains "mixture"; pytest collects the same tests.
 CPU only, a few minutes on 2 cores.
 """
+import contextlib
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
@@ -20,6 +22,7 @@ import warnings
 import numpy as np
 import scipy.linalg
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -933,8 +936,6 @@ def test_every_method_benches_the_same_workload_against_flow_matching():
     """--bench in each method file times its training step and a flow-matching step of the same network on
     --bench-data at --bench-batch (the same default in all four, so compare's cost column compares like with
     like), with an untrained stand-in teacher, and prints the table compare parses; nothing is written."""
-    import contextlib
-    import io
     configs = {m: m.Config.__dataclass_fields__ for m in (scm, dmd2, freeflow, piflow)}
     assert {(f["bench_data"].default, f["bench_batch"].default) for f in configs.values()} == {("glyphs16", 64)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -1347,6 +1348,418 @@ def test_dmd2_backward_simulation_runs_without_gradient_and_only_the_last_step_h
 def small_dmd2_config(out, **kw):
     return dmd2.Config(**{"out": out, "hidden": 32, "depth": 2, "batch": 128, "steps": 60, "lr": 3e-4, "ttur": 5,
                           "log_every": 20, "ckpt_every": 30, "eval_samples": 300, "device": "cpu", **kw})
+
+
+# Equations pinned below (rectified flow, DESIGN.md): x_t = (1 - t) x0 + t eps, x0_hat = x_t - t u.
+# DMD Eq. 7-8 / official compute_distribution_matching_loss:
+#   g = (x0_fake - x0_real) / mean_{C,H,W} |x - x0_real|,  loss = 0.5 mean (x - sg(x - g))^2,  dloss/dx = g / numel
+# DMD2 Eq. 4 (softplus form): L_G = softplus(-D(F(G(z), t))),  L_D = softplus(D(F(fake, t))) + softplus(-D(F(real, t)))
+
+DMD2_SHAPE, DMD2_CLASSES = (3, 4, 4), 2
+
+
+def assert_close(a, b, what, rtol=1e-4, atol=1e-6):
+    a, b = (torch.as_tensor(v).detach().double() for v in (a, b))
+    err = float((a - b).abs().max())
+    assert torch.allclose(a, b, rtol=rtol, atol=atol), f"{what}: max abs error {err:.3g} (|expected| max {float(b.abs().max()):.3g})"
+
+
+@contextlib.contextmanager
+def patched(obj, **attrs):
+    """Temporarily replace attributes of a module or object."""
+    old = {k: getattr(obj, k) for k in attrs}
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(obj, k, v)
+
+
+def dmd2_image_world(shift=0.0, std=0.3, seed=0):
+    """A labelled Gaussian mixture on (3, 4, 4) images: 4 components, 2 classes; exact velocities."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(4, math.prod(DMD2_SHAPE), generator=g, dtype=torch.float64) + shift
+    return common.GaussianMixture(np.ones(4), means.numpy(), np.full(4, std), labels=[0, 0, 1, 1], shape=DMD2_SHAPE)
+
+
+class ExactScore(nn.Module):
+    """Fake-score stand-in: the exact velocity of a labelled mixture (label num_classes = unconditional)."""
+
+    def __init__(self, world):
+        super().__init__()
+        self.world, self.num_classes = world, world.num_classes
+
+    def forward(self, x, t, y=None):
+        return self.world.velocity(x, t, y)
+
+
+class AffineVelocity(nn.Module):
+    """u(x, t, y) = a * x + b * t + c[y]: a known velocity field with trainable parameters."""
+
+    def __init__(self, classes=DMD2_CLASSES + 1):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.tensor(0.6)), nn.Parameter(torch.tensor(-0.4))
+        self.c = nn.Parameter(torch.linspace(-0.5, 0.5, classes))
+        self.calls = []
+
+    def forward(self, x, t, y=None):
+        self.calls.append(t.clone())
+        c = 0.0 if y is None else self.c[y].view(-1, *[1] * (x.ndim - 1))
+        return self.a * x + self.b * t.view(-1, *[1] * (x.ndim - 1)) + c
+
+
+class ToyCritic(nn.Module):
+    """Critic stand-in with the dmd2.Critic interface: critic(x, t, y) is the fake score's velocity,
+    critic(x, t, y, classify=True) the logit <w, x_t> + v t + e[y] of a linear head."""
+
+    def __init__(self, score):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.score = score
+        self.head = nn.Linear(math.prod(DMD2_SHAPE) + 1, 1)
+        with torch.no_grad():
+            self.head.weight.copy_(0.3 * torch.randn(self.head.weight.shape, generator=g))
+            self.head.bias.fill_(0.2)
+        self.e = nn.Parameter(torch.tensor([0.5, -0.7, 0.0]))
+
+    def forward(self, x, t, y=None, classify=False):
+        if not classify:
+            return self.score(x, t, y)
+        return self.head(torch.cat([x.flatten(1), t[:, None]], 1)).squeeze(-1) + self.e[y]
+
+
+def karras_grid_t(n=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM Eq. 5 grid sigma_j = (sigma_max^(1/rho) + j/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
+    j = 0..n-1 (descending), flipped so that index 0 is sigma_min (official edm_guidance.py), as
+    rectified-flow time t = sigma / (1 + sigma)."""
+    j = np.arange(n) / (n - 1)
+    sigma = (sigma_max ** (1 / rho) + j * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    sigma = sigma[::-1].copy()
+    return torch.tensor(sigma / (1 + sigma))
+
+
+def rf_noise(x0, t, eps):
+    """x_t = (1 - t) x0 + t eps, written out here (not dmd2.noised)."""
+    tb = t.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)
+    return (1 - tb) * x0 + tb * eps
+
+
+def cfg_x0(world, x_t, t, y, w):
+    """Guided posterior mean E_w[x0 | x_t] = E[x0|x_t] + w (E[x0|x_t,y] - E[x0|x_t]) (CFG is affine, so
+    guiding the velocity and guiding x0 = x_t - t u are the same)."""
+    unc = world.x0_mean(x_t, t, torch.full_like(y, world.num_classes))
+    return unc + w * (world.x0_mean(x_t, t, y) - unc)
+
+
+def dmd2_image_batch(b=6, seed=1):
+    """Image-shaped samples whose scale differs per sample and per channel (so a wrong reduction axis shows)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(b, 3, 1, 1, generator=g) * 2 + 0.2
+    x = torch.randn(b, *DMD2_SHAPE, generator=g) * scale + 0.3
+    return x, torch.arange(b) % DMD2_CLASSES
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def test_dmd2_karras_grid_is_the_flipped_edm_grid_in_rf_time():
+    """karras_times draws an index uniformly from [lo, hi) of the 1000-point EDM Karras grid (rho 7,
+    sigma in [0.002, 80]) with index 0 = sigma_min, and returns t = sigma / (1 + sigma), so that
+    sigma = t / (1 - t) (the EDM <-> rectified-flow conversion of the module docstring)."""
+    grid = karras_grid_t()
+    assert_close(grid[0], 0.002 / 1.002, "grid[0] is sigma_min", rtol=1e-12)
+    assert_close(grid[-1], 80 / 81, "grid[-1] is sigma_max", rtol=1e-12)
+    for lo, hi in ((0, 1000), (20, 980)):
+        torch.manual_seed(0)
+        t = dmd2.karras_times(4000, "cpu", lo=lo, hi=hi)
+        torch.manual_seed(0)
+        idx = torch.randint(lo, hi, (4000,))
+        assert_close(t, grid[idx], f"karras_times(lo={lo}, hi={hi}) != flipped EDM grid at the drawn index", rtol=1e-6)
+        assert t.dtype == torch.float32
+    torch.manual_seed(0)
+    default = dmd2.karras_times(4000, "cpu")
+    torch.manual_seed(0)
+    assert_close(default, grid[torch.randint(0, 1000, (4000,))], "karras_times default range is the whole grid [0, 1000)")
+
+
+def test_dmd2_noised_and_generator_schedule():
+    """Forward diffusion x_t = (1 - t) x0 + t eps per sample (t = 1 is pure noise, t = 0 the data), and
+    the generator's fixed grid t_i = 1 - i / N (official 4-step: 999, 749, 499, 249 -> 1, .75, .5, .25)."""
+    x0, _ = dmd2_image_batch()
+    eps = torch.randn_like(x0)
+    t = torch.tensor([0.0, 1.0, 0.25, 0.5, 0.9, 0.1])
+    out = dmd2.noised(x0, t, eps)
+    assert_close(out, rf_noise(x0, t, eps), "noised")
+    assert torch.equal(out[0], x0[0]) and torch.equal(out[1], eps[1]), "t = 0 must be the data and t = 1 the noise"
+    assert dmd2.generator_times(4) == [1.0, 0.75, 0.5, 0.25] and dmd2.generator_times(1) == [1.0]
+    assert_close(torch.tensor(dmd2.generator_times(3)), torch.tensor([1.0, 2 / 3, 1 / 3]), "generator_times(3)")
+
+
+def dm_expected(x, y, world_real, world_fake, t, eps, guidance):
+    """The DM gradient g written from DMD Eq. 7-8 in x0 space (exact mixture posterior means, float64)."""
+    x64 = x.detach().double()
+    x_t = rf_noise(x64, t.double(), eps.double())
+    x0_real = cfg_x0(world_real, x_t, t.double(), y, guidance)       # CFG on the real score only (DMD §3.4)
+    x0_fake = world_fake.x0_mean(x_t, t.double(), y)                 # unguided fake score
+    normaliser = (x64 - x0_real).abs().flatten(1).mean(1).view(-1, 1, 1, 1)  # per sample, over C, H, W
+    return (x0_fake - x0_real) / normaliser
+
+
+def test_dmd2_dm_loss_gradient_is_the_normalised_x0_difference_with_cfg_on_the_real_score_only():
+    """DMD Eq. 7-8 as implemented: at one x_t shared by both scores (t uniform in [dm_t_min, dm_t_max], or
+    the Karras grid indices [20, 980)), g = (x0_fake - x0_real) / mean_{C,H,W}|x - x0_real| per sample,
+    with x0_real from the CFG-guided teacher and x0_fake from the unguided fake score; the surrogate
+    0.5 * mean (x - sg(x - g))^2 has value 0.5 mean g^2 and gradient g / numel. Real and fake scores are
+    exact mixture velocities; the guided x0 is computed independently from posterior means."""
+    real, fake = dmd2_image_world(), dmd2_image_world(shift=0.4, std=0.5, seed=5)
+    x, y = dmd2_image_batch()
+    for cfg in (dmd2.Config(guidance=2.5), dmd2.Config(guidance=2.5, dm_t_min=0.3, dm_t_max=0.6),
+                dmd2.Config(guidance=0.5, dm_t_dist="karras")):
+        x = x.detach().requires_grad_(True)
+        torch.manual_seed(7)
+        loss = dmd2.distribution_matching_loss(x, y, real, ExactScore(fake), cfg)
+        loss.backward()
+        torch.manual_seed(7)  # replay the draws: noise level, then the one eps shared by both scores
+        if cfg.dm_t_dist == "karras":
+            t = karras_grid_t()[torch.randint(20, 980, (len(x),))]
+        else:
+            t = cfg.dm_t_min + (cfg.dm_t_max - cfg.dm_t_min) * torch.rand(len(x))
+        g = dm_expected(x, y, real, fake, t, torch.randn_like(x), cfg.guidance)
+        what = f"DM loss ({cfg.dm_t_dist}, t in [{cfg.dm_t_min}, {cfg.dm_t_max}], guidance {cfg.guidance})"
+        assert_close(x.grad, g / x.numel(), f"{what}: gradient != (x0_fake - x0_real) / mean|x - x0_real| / numel", rtol=2e-4, atol=1e-8)
+        assert_close(loss, 0.5 * g.pow(2).mean(), f"{what}: value != 0.5 mean g^2", rtol=2e-4)
+
+
+def test_dmd2_dm_gradient_vanishes_when_fake_equals_guided_real():
+    """When the fake score equals the (unguided) teacher and guidance is 1, x0_fake = x0_real and the DM
+    gradient is exactly zero; with guidance 3 the same pair gives a non-zero gradient (CFG enters the
+    real score alone, so matched scores do not cancel it)."""
+    real = dmd2_image_world()
+    x, y = dmd2_image_batch()
+    for guidance, zero in ((1.0, True), (3.0, False)):
+        x = x.detach().requires_grad_(True)
+        torch.manual_seed(2)
+        dmd2.distribution_matching_loss(x, y, real, ExactScore(real), dmd2.Config(guidance=guidance)).backward()
+        size = float(x.grad.abs().max())
+        assert (size < 1e-9) if zero else (size > 1e-4), f"guidance {guidance}: DM gradient size {size}"
+
+
+def test_dmd2_generator_loss_is_dm_plus_non_saturating_gan_on_noised_samples():
+    """Generator objective: L_DM + gan_g * mean softplus(-D(F(x, t))) (DMD2 Eq. 4, non-saturating form
+    -log sigmoid D), where F noises x to a level from the whole Karras grid with fresh noise
+    (diffusion-GAN, §4.3), gradients flowing to x through the frozen classifier. Pinned: the value and
+    dL/dx against the formula, with gan_g != gan_d so that a swapped weight shows."""
+    real, fake = dmd2_image_world(), dmd2_image_world(shift=0.4, std=0.5, seed=5)
+    critic = ToyCritic(ExactScore(fake)).requires_grad_(False)
+    cfg = dmd2.Config(gan_g=0.3, gan_d=0.07, guidance=2.0)
+    x, y = dmd2_image_batch()
+    x = x.requires_grad_(True)
+    torch.manual_seed(11)
+    loss, stats = dmd2.generator_loss(x, y, real, critic, cfg)
+    loss.backward()
+    torch.manual_seed(11)  # replay: DM level and noise, then the GAN level and its fresh noise
+    t_dm = cfg.dm_t_min + (cfg.dm_t_max - cfg.dm_t_min) * torch.rand(len(x))
+    g = dm_expected(x, y, real, fake, t_dm, torch.randn_like(x), cfg.guidance)
+    t_gan = karras_grid_t()[torch.randint(0, 1000, (len(x),))].float()
+    eps = torch.randn_like(x)
+    x_ref = x.detach().requires_grad_(True)
+    logits = critic(rf_noise(x_ref, t_gan, eps), t_gan, y, classify=True)
+    gan = -F.logsigmoid(logits).mean()                                   # non-saturating: -log sigmoid(D)
+    gan.backward()
+    assert_close(stats["g_gan_loss"], gan, "g_gan_loss != mean -log sigmoid(D(noised x))")
+    assert_close(loss, 0.5 * g.pow(2).mean() + cfg.gan_g * gan, "generator loss != L_DM + gan_g * L_GAN", rtol=2e-4)
+    assert_close(x.grad, g / x.numel() + cfg.gan_g * x_ref.grad, "generator loss gradient on x", rtol=2e-4, atol=1e-8)
+    assert logits.min() < 0 < logits.max(), "test setup: logits of both signs"
+
+
+def test_dmd2_generator_loss_without_gan_is_the_dm_loss():
+    """--gan-g 0: the generator loss is the DM loss alone (same draws, same value), no GAN statistic."""
+    real, fake = dmd2_image_world(), dmd2_image_world(shift=0.4, std=0.5, seed=5)
+    critic = ToyCritic(ExactScore(fake))
+    x, y = dmd2_image_batch()
+    cfg = dmd2.Config(gan_g=0.0, gan_d=0.0, guidance=2.0)
+    torch.manual_seed(4)
+    loss, stats = dmd2.generator_loss(x, y, real, critic, cfg)
+    torch.manual_seed(4)
+    t = cfg.dm_t_min + (cfg.dm_t_max - cfg.dm_t_min) * torch.rand(len(x))
+    g = dm_expected(x, y, real, fake, t, torch.randn_like(x), cfg.guidance)
+    assert_close(loss, 0.5 * g.pow(2).mean(), "generator loss with gan_g 0", rtol=2e-4)
+    assert "g_gan_loss" not in stats
+
+
+def test_dmd2_critic_loss_is_flow_matching_plus_gan_classification_of_noised_real_vs_fake():
+    """Critic objective: flow-matching (velocity MSE) loss of the fake score on the generator samples at
+    Karras-grid levels + gan_d * [mean softplus(D(F(fake))) + mean softplus(-D(F(real)))] (DMD2 Eq. 4:
+    real labelled 1, fake 0), real and fake each noised to their own level with fresh noise. Pinned: the
+    value, the logged accuracies, and the gradient on every critic parameter, with gan_g != gan_d."""
+    critic = ToyCritic(AffineVelocity())
+    cfg = dmd2.Config(gan_g=0.3, gan_d=0.07)
+    x_fake, y_fake = dmd2_image_batch(8, seed=2)
+    x_real, y_real = dmd2_image_batch(8, seed=3)
+    x_real, y_real = x_real + 1.0, (y_real + 1) % DMD2_CLASSES
+    torch.manual_seed(5)
+    loss, stats = dmd2.critic_loss(critic, x_fake, y_fake, x_real, y_real, cfg)
+    got = torch.autograd.grad(loss, list(critic.parameters()), allow_unused=True)
+    grid = karras_grid_t().float()
+    torch.manual_seed(5)  # replay: denoising level + noise, then fake level + noise, then real level + noise
+    t = grid[torch.randint(0, 1000, (8,))]
+    eps = torch.randn_like(x_fake)
+    fm = (critic(rf_noise(x_fake, t, eps), t, y_fake) - (eps - x_fake)).pow(2).mean()   # u = eps - x0
+    t_f = grid[torch.randint(0, 1000, (8,))]
+    d_fake = critic(rf_noise(x_fake, t_f, torch.randn_like(x_fake)), t_f, y_fake, classify=True)
+    t_r = grid[torch.randint(0, 1000, (8,))]
+    d_real = critic(rf_noise(x_real, t_r, torch.randn_like(x_real)), t_r, y_real, classify=True)
+    cls = -F.logsigmoid(d_real).mean() - torch.log1p(-torch.sigmoid(d_fake)).mean()  # -log D(real) - log(1 - D(fake))
+    expected = fm + cfg.gan_d * cls
+    want = torch.autograd.grad(expected, list(critic.parameters()))
+    assert_close(stats["fake_loss"], fm, "fake score's denoising loss")
+    assert_close(stats["d_gan_loss"], cls, "critic classification loss (real -> 1, fake -> 0)")
+    assert_close(loss, expected, "critic loss != L_fm + gan_d * L_cls")
+    for (name, _), a, b in zip(critic.named_parameters(), got, want):
+        assert a is not None, f"critic loss gives no gradient to {name}"
+        assert_close(a, b, f"critic loss gradient on {name}")
+    assert_close(stats["d_real_acc"], (d_real > 0).float().mean(), "d_real_acc")
+    assert_close(stats["d_fake_acc"], (d_fake < 0).float().mean(), "d_fake_acc")
+    assert 0 < stats["d_real_acc"] < 1 or 0 < stats["d_fake_acc"] < 1, "test setup: mixed classifications"
+
+
+def test_dmd2_gan_logits_classify_noised_samples_with_gradient_to_the_input():
+    """Diffusion-GAN (DMD2 §4.3): D sees F(x, t) = (1 - t) x + t eps, t uniform over the whole Karras grid,
+    eps fresh, and its logits are differentiable in x (the generator's GAN gradient passes through)."""
+    critic = ToyCritic(AffineVelocity())
+    x, y = dmd2_image_batch(8)
+    x = x.requires_grad_(True)
+    torch.manual_seed(9)
+    logits = dmd2.gan_logits(critic, x, y)
+    (dx,) = torch.autograd.grad(logits.sum(), x)
+    torch.manual_seed(9)
+    t = karras_grid_t().float()[torch.randint(0, 1000, (8,))]
+    x_t = rf_noise(x.detach(), t, torch.randn_like(x))
+    assert_close(logits, critic(x_t, t, y, classify=True), "gan_logits != D(noised x, t)")
+    w = critic.head.weight[0, :-1].view(DMD2_SHAPE)
+    assert_close(dx, (1 - t).view(-1, 1, 1, 1) * w, "dD/dx != (1 - t) w for a linear head")
+
+
+class Rank1Broadcast:
+    """broadcast_int as seen on rank 1: records its own draw, returns rank 0's (here: a different one)."""
+
+    def __init__(self, n):
+        self.n, self.local, self.shared = n, [], []
+
+    def __call__(self, value):
+        self.local.append(int(value))
+        self.shared.append((int(value) + 1) % self.n)
+        return self.shared[-1]
+
+
+def short_training_run(steps=6, ttur=2, steps_gen=4):
+    """train() for a few iterations on the 2D world as rank 1 of a simulated group, with a tiny network
+    teacher and no evaluation. Returns (broadcast, k fed to training_inputs, iterations of the generator
+    turns, iterations of the critic turns)."""
+    tiny = common.new_backbone((2,), 0, hidden=16, depth=1)
+    bcast, depths, g_turns, d_turns = Rank1Broadcast(steps_gen), [], [], []
+    inputs, g_turn, d_turn = dmd2.training_inputs, dmd2.generator_turn, dmd2.critic_turn
+
+    def recording_inputs(G, z, y, times, k, real=None):
+        depths.append(k)
+        return inputs(G, z, y, times, k, real)
+
+    def recording_g_turn(*args):
+        g_turns.append(args[-1])
+        return g_turn(*args)
+
+    def recording_d_turn(*args):
+        d_turns.append(args[-1])
+        return d_turn(*args)
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()), patched(
+            dmd2, broadcast_int=bcast, training_inputs=recording_inputs, generator_turn=recording_g_turn,
+            critic_turn=recording_d_turn, evaluate=lambda *a, **k: [],
+            teacher_for=lambda cfg, data, device, arch_kwargs=None: (common.NetTeacher(tiny), tiny)):
+        dmd2.train(dmd2.Config(out=os.path.join(tmp, "run"), steps=steps, batch=8, steps_gen=steps_gen, ttur=ttur,
+                               hidden=16, depth=1, device="cpu", log_every=100, ckpt_every=100, lr_warmup=1))
+    return bcast, depths, g_turns, d_turns
+
+
+def test_dmd2_backward_simulation_depth_is_shared_by_all_ranks():
+    """DMD2 §4.4 / official sample_backward: one depth k per iteration, drawn on rank 0 and broadcast, so
+    every rank and sample trains the same step. A short train() run on rank 1 (broadcast_int patched to
+    hand back rank 0's draw) must feed exactly the broadcast k to training_inputs every iteration."""
+    bcast, depths, _, _ = short_training_run()
+    assert len(bcast.shared) == 6 and all(0 <= k < 4 for k in bcast.local), bcast.local
+    assert depths == bcast.shared, f"training depth {depths} is not rank 0's broadcast {bcast.shared}"
+
+
+def test_dmd2_ttur_updates_the_critic_every_iteration_and_the_generator_every_ttur_th():
+    """TTUR (DMD2 §4.2, official train_one_step): iteration i runs a generator turn when i % ttur == 0,
+    before that iteration's critic turn; the critic is updated every iteration."""
+    _, _, g_turns, d_turns = short_training_run(steps=7, ttur=3)
+    assert d_turns == list(range(7)), f"critic turns at {d_turns}"
+    assert g_turns == [0, 3, 6], f"generator turns at {g_turns}"
+
+
+def test_dmd2_backward_simulation_runs_g_from_fresh_noise_and_renoises_with_the_batch_noise():
+    """Backward simulation (DMD2 §4.4, official sample_backward): for depth k, run the current G for k
+    steps of the schedule from FRESH noise (not the batch noise z: correlated noise gave artifacts,
+    official issue #9), x0_hat = x_t - t G(x_t, t), re-noising each x0_hat to the next time with fresh
+    noise, then noise the last x0_hat to t_k with the batch noise z; k = 0 is z itself at t = 1."""
+    G, times = AffineVelocity(), [1.0, 0.75, 0.5, 0.25]
+    z, y = dmd2_image_batch(5, seed=4)
+    x_in, t = dmd2.training_inputs(G, z, y, times, 0)
+    assert torch.equal(x_in, z) and torch.all(t == 1), "k = 0: the input is the batch noise at t = 1"
+    for k in (1, 2, 3):
+        torch.manual_seed(k)
+        x_in, t = dmd2.training_inputs(G, z, y, times, k)
+        torch.manual_seed(k)
+        x = torch.randn_like(z)                                   # fresh starting noise
+        with torch.no_grad():
+            for i in range(k):
+                ti = torch.full((len(z),), times[i])
+                x0 = x - times[i] * G(x, ti, y)
+                if i + 1 < k:
+                    x = rf_noise(x0, torch.full((len(z),), times[i + 1]), torch.randn_like(z))
+        assert torch.all(t == times[k]), f"k = {k}: input time {t.unique()} != {times[k]}"
+        assert_close(x_in, rf_noise(x0, t, z), f"k = {k}: backward-simulated input != noised(x0_hat, t_k, z)")
+
+
+def test_dmd2_multistep_sampler_renoises_x0_hat_with_fresh_noise():
+    """Consistency-style sampler (DMD2 §4.4, official SDXL loop): x0_hat = x_t - t G(x_t, t), then
+    x_{t_next} = (1 - t_next) x0_hat + t_next eps with fresh eps; output the last x0_hat. One step at
+    t = 1 is z - G(z, 1). G is called at exactly the schedule's times."""
+    G = AffineVelocity()
+    z, y = dmd2_image_batch(5, seed=6)
+    one = dmd2.multistep_sample(G, z, y, [1.0])
+    assert_close(one, z - G(z, torch.ones(5), y).detach(), "one-step sample != z - G(z, 1)")
+    times = dmd2.generator_times(4)
+    G.calls.clear()
+    torch.manual_seed(3)
+    out = dmd2.multistep_sample(G, z, y, times)
+    assert [float(c[0]) for c in G.calls] == times, f"G called at {[float(c[0]) for c in G.calls]}"
+    torch.manual_seed(3)
+    x = z
+    with torch.no_grad():
+        for i, t in enumerate(times):
+            x0 = x - t * G(x, torch.full((5,), t), y)
+            if i + 1 < len(times):
+                x = rf_noise(x0, torch.full((5,), times[i + 1]), torch.randn_like(z))
+    assert_close(out, x0, "4-step sample != x0_hat / re-noise recursion")
+
+
+def test_dmd2_generate_is_x0_hat_with_gradient_to_the_generator():
+    """The gradient-carrying generator step: x0_hat = x_t - t G(x_t, t) per sample, differentiable in the
+    generator's parameters (DMD2 §4.4: only the last step carries gradient)."""
+    G = AffineVelocity()
+    x_in, y = dmd2_image_batch(5, seed=8)
+    t = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.75])
+    r = torch.randn_like(x_in)
+    got = torch.autograd.grad((dmd2.generate(G, x_in, t, y) * r).sum(), list(G.parameters()))
+    expected = x_in - t.view(-1, 1, 1, 1) * G(x_in, t, y)
+    want = torch.autograd.grad((expected * r).sum(), list(G.parameters()))
+    assert_close(dmd2.generate(G, x_in, t, y), expected, "generate != x_t - t u")
+    for a, b, name in zip(got, want, ("a", "b", "c")):
+        assert_close(a, b, f"generate: gradient on G.{name}")
 
 
 def test_dmd2_short_run_ttur_counts_fake_score_learns_and_resumes_exactly():
