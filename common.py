@@ -1311,10 +1311,10 @@ def swd(x, law, n_proj=256, seed=0):
 def mmd(x, world, chunk=1000):
     """Kernel distance to the true law, unbiased: MMD^2 = E k(x, x') - 2 E k(x, b) + E k(b, b'), x from the
     samples, b from the world, k a sum of Gaussian kernels at world.kernel_bandwidths(), each scaled to unit
-    spread under the world. The two terms with
-    b are exact (world.kernel_mean, world.kernel_self); only E k(x, x') is estimated, as a U-statistic over
-    pairs i != j. True samples score 0 in expectation; shrinking, spraying, dropping modes and blurring all
-    cost. Returns (MMD^2, its standard error from the U-statistic's variance, 4 (n-2) z1 + 2 z2 over n (n-1))."""
+    spread under the world. The two terms with b are exact (world.kernel_mean, world.kernel_self); only
+    E k(x, x') is estimated, as a U-statistic over pairs i != j. True samples score 0 in expectation; shrinking,
+    spraying, dropping modes and blurring all cost. Returns (MMD^2, its standard error), the error from the
+    U-statistic's variance (4 (n - 2) z1 + 2 z2) / (n (n - 1)); it errs on the large side (README)."""
     x = x.reshape(len(x), -1).double().cpu()
     n, bandwidths = len(x), world.kernel_bandwidths()
     if "kernel" not in world._cache:

@@ -500,12 +500,11 @@ def test_cli_errors_are_one_line_and_nonzero():
         assert r.returncode != 0 and "missing" in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
         out = os.path.join(tmp, "t")
-        r = run([sys.executable, "common.py", "teacher", "--steps", "2", "--hidden", "16", "--eval-samples", "100", "--out", out])
-        assert r.returncode == 0, r.stderr[-1000:]
-        r = run([sys.executable, "common.py", "teacher", "--steps", "4", "--hidden", "32", "--out", out, "--resume"])
-        assert r.returncode != 0 and "another config" in r.stderr and "hidden" in r.stderr and "Traceback" not in r.stderr
-        r = run([sys.executable, "common.py", "teacher", "--steps", "4", "--out", os.path.join(tmp, "none"), "--resume"])
-        assert r.returncode != 0 and "no checkpoint" in r.stderr and "drop --resume" in r.stderr
+        common.train_teacher(common.TeacherConfig(steps=2, hidden=16, eval_samples=100, out=out))
+        expect_fail(lambda: common.train_teacher(common.TeacherConfig(steps=4, hidden=32, out=out, resume=True)),
+                    "another config", "hidden")
+        expect_fail(lambda: common.train_teacher(common.TeacherConfig(steps=4, out=os.path.join(tmp, "none"), resume=True)),
+                    "no checkpoint", "drop --resume")
 
 
 # ---------------------------------------------------------------------------------------------------
