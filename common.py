@@ -1316,14 +1316,15 @@ def mmd(x, world, chunk=1000):
     spraying, dropping modes and blurring all cost. Returns (MMD^2, its standard error), the error from the
     U-statistic's variance (4 (n - 2) z1 + 2 z2) / (n (n - 1)); it errs on the large side (README)."""
     x = x.reshape(len(x), -1).double().cpu()
-    n, bandwidths = len(x), world.kernel_bandwidths()
-    if "kernel" not in world._cache:
+    n = len(x)
+    if "kernel" not in world._cache:  # bandwidths, scales and E k(b, b'): once per world
+        bandwidths = world.kernel_bandwidths()
         # each kernel divided by its spread between two independent draws of the world, sd = (E k_h^2 - (E k_h)^2)^1/2
         # with k_h^2 = k_{h/sqrt2}: then a wide kernel's sampling noise does not drown a narrow kernel's signal
         means = [world.kernel_self(h2) for h2 in bandwidths]
         scales = [1 / math.sqrt(max(world.kernel_self(h2 / 2) - e ** 2, 1e-300)) for h2, e in zip(bandwidths, means)]
-        world._cache["kernel"] = scales, sum(c * e for c, e in zip(scales, means))
-    scales, const = world._cache["kernel"]
+        world._cache["kernel"] = bandwidths, scales, sum(c * e for c, e in zip(scales, means))
+    bandwidths, scales, const = world._cache["kernel"]
     m = sum(c * world.kernel_mean(x, h2) for c, h2 in zip(scales, bandwidths))  # E_b k(x_i, b)
     x2 = (x ** 2).sum(1)
     row_sums, square_sum = torch.empty(n, dtype=torch.float64), 0.0
