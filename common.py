@@ -371,17 +371,20 @@ class GaussianMixture:
     def projected_quantiles(self, dirs, n, max_elements=2 ** 24):
         """Quantiles F^-1((i + 1/2) / n), i < n, of the law projected on each unit direction (columns of dirs,
         (D, P)): a 1-D mixture of N(mu_k . d, s_k^2), whose CDF is tabulated on a grid of s_min / 8 spacing
-        and inverted by linear interpolation. Returns (n, P), float64."""
+        and inverted by linear interpolation. The CDF is summed in float32 (erf, 4x faster than float64 ndtr;
+        absolute error ~1e-7, far below the 1/n between levels). Returns (n, P), float64."""
         centers = self.means @ dirs  # (K, P)
         lo = (centers - 8 * self.stds[:, None]).min(0).values
         hi = (centers + 8 * self.stds[:, None]).max(0).values
         points = int(min(2 ** 15, max(1024, math.ceil(float((hi - lo).max() / self.stds.min()) * 8))))
         u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        inv_scale, weights = (1 / (self.stds * math.sqrt(2))).float(), (self.weights / self.weights.sum()).float()
         out, chunk = [], max(1, max_elements // (points * len(self.weights)))
         for p in range(0, dirs.shape[1], chunk):
             c, l, h = centers[:, p:p + chunk].T, lo[p:p + chunk, None], hi[p:p + chunk, None]
             grid = l + (h - l) * torch.linspace(0, 1, points, dtype=torch.float64)  # (P', G)
-            cdf = (torch.special.ndtr((grid[..., None] - c[:, None]) / self.stds) * self.weights).sum(-1)
+            erf = torch.erf((grid.float()[..., None] - c.float()[:, None]) * inv_scale)  # (P', G, K)
+            cdf = (0.5 + 0.5 * (erf @ weights)).double().cummax(-1).values  # monotone despite float32 round-off
             idx = torch.searchsorted(cdf, u.expand(len(grid), n).contiguous()).clamp(1, points - 1)
             c0, c1 = cdf.gather(1, idx - 1), cdf.gather(1, idx)
             g0, g1 = grid.gather(1, idx - 1), grid.gather(1, idx)

@@ -391,7 +391,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
         return np.where(w > w.max() * len(w) * np.finfo(np.float64).eps, w, 0.0)
 
     w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
-    factor1 = v * np.sqrt(psd_eigenvalues(w))
+    keep = psd_eigenvalues(w) > 0  # S1's null directions add nothing: L keeps only the rest (n - 1 for n images)
+    factor1 = v[:, keep] * np.sqrt(w[keep])
     tr_covmean = np.sqrt(psd_eigenvalues(np.linalg.eigvalsh(factor1.T @ sigma2 @ factor1))).sum()
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 

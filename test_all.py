@@ -1,16 +1,20 @@
 """
-All tests. `python test_all.py` runs them (prints `N passed, N failed`, exits non-zero on failure);
-`python test_all.py mixture` runs those whose name contains "mixture"; pytest collects the same tests.
-CPU only, a few minutes on 2 cores.
+All tests. `python test_all.py` runs them in two processes side by side (prints `N passed, N failed`, exits
+non-zero on failure); `python test_all.py mixture` runs those whose name contains "mixture"; `--serial` runs them
+one after another in this process; pytest collects the same tests. CPU only, a few minutes on 2 cores.
 """
 import contextlib
 import copy
 import dataclasses
+import inspect
 import io
 import json
 import math
+import multiprocessing
 import os
+import queue
 import re
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -44,8 +48,9 @@ def run(args, **kwargs):
     return subprocess.run(args, cwd=kwargs.pop("cwd", HERE), env=env, capture_output=True, text=True, timeout=600, **kwargs)
 
 
-def torchrun(script_args, nproc=2):
-    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script_args])
+def torchrun(script_args, nproc=2, **kwargs):
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script_args],
+               **kwargs)
 
 
 def small_labelled_world(dim=5, k=6, seed=0):
@@ -478,7 +483,7 @@ def test_teacher_two_process_torchrun_identical_ranks_and_single_writes():
     with tempfile.TemporaryDirectory() as tmp:
         driver = os.path.join(tmp, "driver.py")
         open(driver, "w").write(DRIVER)
-        for data in ("checkerboard", "glyphs16"):
+        for data in ("checkerboard", "glyphs16"):  # one launch each: train_teacher ends the process group
             out = os.path.join(tmp, data)
             r = torchrun([driver, out, data])
             assert r.returncode == 0, r.stderr[-2000:]
@@ -916,8 +921,15 @@ def test_method_fid_splits_samples_over_ranks_and_does_not_depend_on_their_numbe
         for nproc in (1, 2):
             out = os.path.join(tmp, f"out{nproc}")
             os.makedirs(out)
-            r = torchrun([script, out, ref, weights], nproc) if nproc > 1 else run([sys.executable, script, out, ref, weights])
-            assert r.returncode == 0, r.stderr[-2000:]
+            if nproc > 1:
+                r = torchrun([script, out, ref, weights], nproc)
+                assert r.returncode == 0, r.stderr[-2000:]
+            else:  # the same script in this process (a launch costs seconds)
+                argv, sys.argv = sys.argv, [script, out, ref, weights]
+                try:
+                    runpy.run_path(script)
+                finally:
+                    sys.argv = argv
             assert sorted(os.listdir(out)) == ["metrics.json", "samples.png"], os.listdir(out)
             with open(os.path.join(out, "metrics.json")) as f:
                 fids[nproc] = json.load(f)["results"][0]["fid"]
@@ -1842,9 +1854,8 @@ def test_dmd2_torchrun_on_real_images_with_a_depth_one_teacher_reports_fid():
         np.savez(images, arr_0=rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8), labels=np.arange(32) % 2)
         weights = os.path.join(tmp, "w.pth")
         torch.save(eval_fid.inception_model(random_weights=True).state_dict(), weights)
-        r = run([sys.executable, "common.py", "teacher", "--data", images, "--steps", "5", "--batch", "8",
-                 "--hidden", "32", "--depth", "1", "--out", os.path.join(tmp, "teacher")])
-        assert r.returncode == 0, r.stderr[-2000:]
+        common.train_teacher(common.TeacherConfig(data=images, steps=5, batch=8, hidden=32, depth=1,
+                                                  out=os.path.join(tmp, "teacher")))
         out = os.path.join(tmp, "run")
         r = torchrun(["dmd2.py", "--data", images, "--teacher", os.path.join(tmp, "teacher", "ckpt.pt"), "--steps", "3",
                       "--batch", "8", "--steps-gen", "2", "--fid-ref", images, "--fid-weights", weights,
@@ -2455,10 +2466,9 @@ def test_undistill_flux_fsdp_full_finetune_matches_ddp_resumes_exactly_and_runs_
         gap = max(float((fsdp[k] - ddp[k]).abs().max()) for k in start)
         assert moved > 1e-3 and gap < 1e-3 * moved, (moved, gap)  # grad clipping is active at these norms
         assert all(torch.allclose(resumed[k], fsdp[k], rtol=0, atol=1e-6) for k in fsdp), "FSDP resume is not exact"
-        r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                 os.path.join(HERE, "undistill_flux.py"), "--adapter", "full", "--fsdp", "--distill-steps", "8",
-                 "--distill-pool", "64", "--steps", "4", "--batch", "16", "--eval-samples", "20", "--eval-steps", "2",
-                 "--eval-cfgs", "1,3", "--out", os.path.join(tmp, "toy")], cwd=tmp)
+        r = torchrun([os.path.join(HERE, "undistill_flux.py"), "--adapter", "full", "--fsdp", "--distill-steps", "8",
+                      "--distill-pool", "64", "--steps", "4", "--batch", "16", "--eval-samples", "20", "--eval-steps",
+                      "2", "--eval-cfgs", "1,3", "--out", os.path.join(tmp, "toy")], cwd=tmp)
         assert r.returncode == 0, r.stderr[-2000:]
         rows = json.load(open(os.path.join(tmp, "toy", "metrics.json")))["results"]
         assert [row["sampler"] for row in rows if row["sampler"].startswith("undistilled")] == ["undistilled cfg=1", "undistilled cfg=3"]
@@ -3050,10 +3060,9 @@ def test_undistill_flux_toy_pipeline_torchrun_two_processes():
     """The embedded default end to end, shrunk (distillation, LoRA un-distillation, the table) under DDP."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "run")
-        r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                 os.path.join(HERE, "undistill_flux.py"), "--distill-steps", "8", "--distill-pool", "64", "--steps", "6",
-                 "--batch", "16", "--eval-samples", "40", "--eval-steps", "2", "--eval-cfgs", "1,3", "--log-every", "3",
-                 "--out", out], cwd=tmp)
+        r = torchrun([os.path.join(HERE, "undistill_flux.py"), "--distill-steps", "8", "--distill-pool", "64", "--steps",
+                      "6", "--batch", "16", "--eval-samples", "40", "--eval-steps", "2", "--eval-cfgs", "1,3",
+                      "--log-every", "3", "--out", out], cwd=tmp)
         assert r.returncode == 0, r.stderr[-2000:]
         assert os.path.isfile(os.path.join(tmp, "runs", "cache", os.listdir(os.path.join(tmp, "runs", "cache"))[0]))
         rows = json.load(open(os.path.join(out, "metrics.json")))["results"]
@@ -3496,21 +3505,65 @@ def test_every_method_runs_its_image_recipe_on_an_rgb_mixture_with_unequal_class
             common.fit_to_world = full
 
 
-def main(argv):
-    pattern = argv[1] if len(argv) > 1 else ""
-    tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn) and pattern in name]
-    passed, failed, start = 0, [], time.time()
-    for name, fn in tests:
-        t0 = time.time()
+def run_one(name):
+    """Run one test in this process: (name, passed, seconds, traceback text)."""
+    t0 = time.time()
+    try:
+        globals()[name]()
+        return name, True, time.time() - t0, ""
+    except BaseException as e:  # SystemExit from common.fail counts as a failure too
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return name, False, time.time() - t0, traceback.format_exc()
+
+
+def run_lane(names, results):
+    torch.set_num_threads(1)
+    for name in names:
+        results.put(run_one(name))
+
+
+def lane_results(reports, lanes, names):
+    """Yield each test's result as a lane reports it; a lane that dies (a crash in C code) fails what it had left."""
+    left = set(names)
+    while left:
         try:
-            fn()
-            passed += 1
-            print(f"PASS {name} ({time.time() - t0:.1f} s)", flush=True)
-        except BaseException as e:  # SystemExit from common.fail counts as a failure too
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            failed.append(name)
-            print(f"FAIL {name} ({time.time() - t0:.1f} s)\n{traceback.format_exc()}", flush=True)
+            result = reports.get(timeout=5)
+        except queue.Empty:
+            if any(lane.is_alive() for lane in lanes):
+                continue
+            for name in sorted(left):
+                yield name, False, 0.0, "its test process died"
+            return
+        left.discard(result[0])
+        yield result
+
+
+def main(argv):
+    """Two lanes side by side, one thread each: the tests that launch torchrun (two processes, both cores: one
+    launch at a time) and the rest. --serial runs every test in this process, one after another."""
+    serial = "--serial" in argv
+    args = [a for a in argv[1:] if a != "--serial"]
+    pattern = args[0] if args else ""
+    names = [name for name, fn in globals().items() if name.startswith("test_") and callable(fn) and pattern in name]
+    passed, failed, start = 0, [], time.time()
+    if serial or len(names) < 2:
+        lanes, results = [], map(run_one, names)
+    else:
+        context = multiprocessing.get_context("spawn")
+        launches = [n for n in names if re.search(r"torchrun\(|nproc=2", inspect.getsource(globals()[n]))]
+        results = context.Queue()
+        lanes = [context.Process(target=run_lane, args=(lane, results)) for lane in
+                 (launches, [n for n in names if n not in launches]) if lane]
+        for lane in lanes:
+            lane.start()
+        results = lane_results(results, lanes, names)
+    for name, ok, seconds, trace in results:
+        passed += ok
+        failed += [] if ok else [name]
+        print(f"{'PASS' if ok else 'FAIL'} {name} ({seconds:.1f} s)" + ("" if ok else f"\n{trace}"), flush=True)
+    for lane in lanes:
+        lane.join()
     print(f"{passed} passed, {len(failed)} failed in {time.time() - start:.0f} s" + (f": {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
