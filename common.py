@@ -347,9 +347,13 @@ class GaussianMixture:
         if len(self.weights) > 1:
             d2 = torch.cdist(self.means, self.means).pow(2).fill_diagonal_(float("inf"))
             h2.append(float(d2.min(1).values.median()))
-        mean = self.weights @ self.means
-        h2.append(float(self.weights @ ((self.means - mean).pow(2).sum(1) + self.dim * self.stds.pow(2))))
+        h2.append(self.total_variance())
         return h2
+
+    def total_variance(self):
+        """E |x - E x|^2 over all dimensions: the spread between the means plus each component's own."""
+        mean = self.weights @ self.means
+        return float(self.weights @ ((self.means - mean).pow(2).sum(1) + self.dim * self.stds.pow(2)))
 
     def kernel_mean(self, x, h2):
         """E_{b ~ p0} k_h(x_i, b) for each row of x (B, D), float64: a logsumexp over components."""
@@ -652,8 +656,8 @@ class DataSource:
 # Backbones. One call signature for both:  net(x, t, y=None, s=None, g=None, return_features=False)
 #   t: time in [0, 1] (B,); s: optional second time (flow maps); g: optional guidance scale;
 #   y: class label, num_classes is the null label (CFG); return_features also gives (B, hidden)
-#   bottleneck features for heads. Plain-softmax attention so torch.func.jvp works (the fused SDPA
-#   kernels have no forward-mode AD).
+#   bottleneck features for heads. Attention runs torch's fused scaled_dot_product_attention, except inside
+#   jvp() below: the fused kernels have no forward-mode derivative, so there it is written out as a softmax.
 
 def timestep_embedding(t, dim, scale=1000.0):
     """Sinusoidal positional embedding of scale * t, computed in fp32 (bf16 here breaks JVP tangents)."""
@@ -776,6 +780,19 @@ class MLPTrunk(Trunk):
         return (out, features) if return_features else out
 
 
+_IN_JVP = False  # set by jvp(): attention takes its explicit, forward-mode differentiable form
+
+
+def jvp(fn, primals, tangents):
+    """torch.func.jvp(fn, primals, tangents) with every Attention in its explicit softmax form."""
+    global _IN_JVP
+    previous, _IN_JVP = _IN_JVP, True
+    try:
+        return torch.func.jvp(fn, primals, tangents)
+    finally:
+        _IN_JVP = previous
+
+
 class Attention(nn.Module):
     def __init__(self, hidden, heads):
         super().__init__()
@@ -786,9 +803,11 @@ class Attention(nn.Module):
     def forward(self, x):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        # explicit softmax attention: forward-mode AD (torch.func.jvp) works through it
-        w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(C // self.heads), -1)
-        return self.proj((w @ v).transpose(1, 2).reshape(B, N, C))
+        if _IN_JVP:  # softmax(q k^T / sqrt(d)) v written out: forward-mode AD goes through it
+            out = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(C // self.heads), -1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
 class DiTBlock(nn.Module):
@@ -1689,10 +1708,45 @@ def _compare_row(world, name, r, data_nll, seconds, cost, equal_nfe, speedup):
             f"{fmt('ode_err')} | {fmt('cond_acc')} | {seconds} | {cost} | {r['ms_per_sample']:.3f} | {equal_nfe} | {speedup} |")
 
 
+def bench_attention():
+    """Forward and forward+backward of a DiT with attention written out (the form inside jvp()) against the fused
+    scaled_dot_product_attention (every other pass), side by side in one run, at two sizes."""
+    setup_dist("cpu")
+    sizes = {"glyphs16 DiT (16 tokens, hidden 128, depth 4), batch 64": ((1, 16, 16), dict(patch=4), 64),
+             "DiT of 256 tokens, hidden 384, depth 4, batch 16": ((3, 32, 32), dict(hidden=384, heads=6, patch=2), 16)}
+    for title, (shape, kwargs, batch) in sizes.items():
+        net = new_backbone(shape, 10, "dit", **kwargs)
+        x, t, y = torch.randn(batch, *shape), torch.rand(batch), torch.randint(0, 10, (batch,))
+
+        def attention(explicit, backward):
+            def step():
+                global _IN_JVP
+                _IN_JVP = explicit
+                try:
+                    if backward:
+                        net.zero_grad(set_to_none=True)
+                        net(x, t, y).square().mean().backward()
+                    else:
+                        with torch.no_grad():
+                            net(x, t, y)
+                finally:
+                    _IN_JVP = False
+            return step
+        for backward in (False, True):
+            passes = "forward+backward" if backward else "forward"
+            print(f"{title}: {passes}")
+            bench({"explicit softmax attention (before)": attention(True, backward),
+                   "scaled_dot_product_attention (now)": attention(False, backward)})
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in ("teacher", "compare"):
-        fail("usage: python common.py teacher [--data checkerboard|glyphs16|mix.npz|path ...] | python common.py compare; --help lists flags")
+    commands = ("teacher", "compare", "bench-attention")
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        fail("usage: python common.py teacher [--data checkerboard|glyphs16|mix.npz|path ...] | python common.py compare"
+             " | python common.py bench-attention; --help lists flags")
     if sys.argv[1] == "teacher":
         train_teacher(parse_config(TeacherConfig, sys.argv[2:]))
-    else:
+    elif sys.argv[1] == "compare":
         compare(parse_config(CompareConfig, sys.argv[2:]))
+    else:
+        bench_attention()

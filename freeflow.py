@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from common import (DataSource, Logger, NetTeacher, autocast, barrier, bench, build_backbone, check_finite, cleanup,
                     ema_update, evaluate, evaluate_real, fail, flow_matching_loss, format_table, init_from_teacher,
-                    is_main, load_teacher_net, load_training_state, make_world, maybe_compile, parse_config,
+                    is_main, jvp, load_teacher_net, load_training_state, make_world, maybe_compile, parse_config,
                     prepare_out, print0, reduce_mean, save_training_state, setup_dist, teacher_for, unwrap, wrap_ddp)
 
 
@@ -131,7 +131,7 @@ def sq_norm(v):
 def velocity_and_delta_derivative(net, z, delta, y, gamma):
     """F(z, delta) and its partial derivative in delta (z does not depend on delta, so no spatial term):
     forward-mode JVP with tangent 1 on delta and none on z, on the plain module (never the DDP wrapper)."""
-    return torch.func.jvp(lambda d: average_velocity(net, z, d, y, gamma), (delta,), (torch.ones_like(delta),))
+    return jvp(lambda d: average_velocity(net, z, d, y, gamma), (delta,), (torch.ones_like(delta),))
 
 
 def prediction_residual(net, teacher, z, delta, y, gamma):

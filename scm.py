@@ -34,14 +34,14 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 
 from common import (DataSource, Logger, autocast, barrier, bench, build_backbone, check_finite, cleanup, ema_update,
                     evaluate, evaluate_real, fail, floats, flow_matching_loss, format_table, init_from_teacher, is_main,
-                    load_training_state, maybe_compile, parse_config, prepare_out, print0, save_training_state,
+                    jvp, load_training_state, maybe_compile, parse_config, prepare_out, print0, save_training_state,
                     setup_dist, teacher_for, timestep_embedding, unwrap, wrap_ddp)
 
 
@@ -57,7 +57,10 @@ class Config:
                                    # 10x here because the toy run is 2000 iterations
     ema_decay: float = 0.99        # EMA for sampling. Paper: half-life 0.5 Mimg (~0.9993/iteration at batch 512);
                                    # shorter here to match the short run
-    sigma_d: float = 0.5           # TrigFlow data standard deviation (paper: 0.5 with data normalised to it)
+    sigma_d: float = 0.0           # TrigFlow data standard deviation. 0: the data's own, as the paper has it (data
+                                   # normalised to sigma_d = 0.5): a mixture world's RMS std per dimension, or 0.5
+                                   # for images in [-1, 1]. sigma_d sets where the proposal below puts its noise
+                                   # levels relative to the data (README, "sigma_d")
     p_mean: float = -1.0           # proposal tan(t) = exp(tau) / sigma_d, tau ~ N(p_mean, p_std^2) (paper CIFAR-10)
     p_std: float = 1.4
     warmup: int = 500              # H: tangent warmup r = min(1, step / H). Paper: 10k of 400k iterations
@@ -187,7 +190,7 @@ def cos_sin_dF_dt(net, x_scaled, t, dxdt, y, g, method="jvp", fd_step=1e-4):
     tangent_x, tangent_t = bc(cs, dxdt) * dxdt / net.sigma_d, cs
     if method == "jvp":
         with same_dropout_masks(x_scaled.device):
-            return torch.func.jvp(lambda xs, tt: net(xs, tt, y, g), (x_scaled, t), (tangent_x, tangent_t))[1]
+            return jvp(lambda xs, tt: net(xs, tt, y, g), (x_scaled, t), (tangent_x, tangent_t))[1]
     # central difference with the network evaluated in float64 (a double copy of its weights per call)
     params = {k: v.double() for k, v in list(net.named_parameters()) + list(net.named_buffers())}
     g64 = None if g is None else g.double()
@@ -269,7 +272,7 @@ def check_config(cfg, world_size):
     if (cfg.bench_batch if cfg.bench else cfg.batch) % world_size:
         fail(f"--batch / --bench-batch must be divisible by the number of processes {world_size}")
     if cfg.sigma_d <= 0 or cfg.sigma_max <= 0 or cfg.tangent_c < 0 or cfg.p_std <= 0:
-        fail("--sigma-d, --sigma-max and --p-std must be positive and --tangent-c non-negative")
+        fail("--sigma-d (0: the data's own), --sigma-max and --p-std must be positive and --tangent-c non-negative")
     times = [math.atan(cfg.sigma_max / cfg.sigma_d)] + floats(cfg.mid_times)
     if any(a <= b for a, b in zip(times, times[1:])) or times[-1] <= 0:
         fail(f"--mid-times must decrease from below t_max = {times[0]:.4f} and stay above 0, got {cfg.mid_times!r}")
@@ -281,10 +284,20 @@ def check_config(cfg, world_size):
     return times, g_range
 
 
+def data_sigma_d(data):
+    """The data's standard deviation: exact for a 2D/vector mixture world (RMS over dimensions); the paper's 0.5
+    for images in [-1, 1], image-shaped mixture worlds included."""
+    if data.world is None or len(data.shape) == 3:
+        return 0.5
+    return math.sqrt(data.world.total_variance() / data.world.dim)
+
+
 def train(cfg):
     d = setup_dist(cfg.device, cfg.seed)
-    times, g_range = check_config(cfg, d.world)
     data = DataSource(cfg.bench_data if cfg.bench else cfg.data, cfg.image_size, seed=cfg.seed)
+    if cfg.sigma_d == 0:
+        cfg = replace(cfg, sigma_d=data_sigma_d(data))
+    times, g_range = check_config(cfg, d.world)
     prepare_out(cfg)
     batch = (cfg.bench_batch if cfg.bench else cfg.batch) // d.world
     # The fitted stand-in for a teacher checkpoint uses the paper's adaptive double normalisation and a small

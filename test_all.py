@@ -326,7 +326,7 @@ def jvp_vs_central_difference(net, x, t, y, s=None, g=None):
     vx, vt = torch.randn_like(x), torch.rand_like(t)
     f = lambda xx, tt: net(xx, tt, y, s, g)
     with torch.no_grad():
-        _, tangent = torch.func.jvp(f, (x, t), (vx, vt))
+        _, tangent = common.jvp(f, (x, t), (vx, vt))
         h = 1e-6
         fd = (f(x + h * vx, t + h * vt) - f(x - h * vx, t - h * vt)) / (2 * h)
     return float((tangent - fd).abs().max() / fd.abs().max().clamp_min(1e-12))
@@ -349,8 +349,17 @@ def test_jvp_through_both_trunks_matches_float64_central_difference():
         err = jvp_vs_central_difference(mlp, x, t, y, s=torch.rand(8).double(), g=torch.ones(8).double())
         assert err < 1e-6, f"MLP ({norm}) JVP relative error {err}"
         dit = randomize(common.new_backbone((1, 8, 8), 3, hidden=32, depth=2, heads=2, norm=norm))
-        err = jvp_vs_central_difference(dit, torch.randn(4, 1, 8, 8), torch.rand(4), torch.randint(0, 4, (4,)))
+        x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.randint(0, 4, (4,))
+        err = jvp_vs_central_difference(dit, x, t, y)
         assert err < 1e-6, f"DiT ({norm}) JVP relative error {err}"
+        # ordinary passes take the fused attention, the JVP its explicit form: both are the same function
+        fused = dit(x.double(), t.double(), y)
+        common._IN_JVP = True
+        try:
+            explicit = dit(x.double(), t.double(), y)
+        finally:
+            common._IN_JVP = False
+        assert torch.allclose(fused, explicit, rtol=0, atol=1e-10) and fused.abs().max() > 1e-2
 
 
 def test_backbone_signature_features_and_teacher_init():
@@ -3270,6 +3279,28 @@ def image_mixture(seed=0):
                                   [0.3, 0.2, 0.4], shape=(2, 2, 2))
 
 
+def test_scm_sigma_d_defaults_to_the_datas_own_std():
+    """--sigma-d 0 (the default) takes the data's standard deviation, as the paper normalises data to sigma_d:
+    a vector mixture world's RMS std per dimension (its exact total variance against 200k samples), the paper's
+    0.5 for image-shaped data; the resolved value is what the run records."""
+    for name in ("checkerboard", "spiral"):
+        world = common.make_world(name)
+        x = world.sample(200_000, generator=torch.Generator().manual_seed(0))[0].double()
+        assert abs(world.total_variance() / float(x.var(0).sum()) - 1) < 0.01, name
+        assert math.isclose(scm.data_sigma_d(common.DataSource(name, 32)), math.sqrt(float(x.var(0).mean())), rel_tol=0.01)
+    assert scm.data_sigma_d(common.DataSource("glyphs16", 32)) == 0.5
+    with tempfile.TemporaryDirectory() as tmp:
+        full, quick = quick_teacher_fit(tmp)
+        common.fit_to_world = quick
+        try:
+            scm.train(scm.Config(data="8gaussians", steps=2, batch=16, hidden=16, depth=1, eval_samples=50,
+                                 out=os.path.join(tmp, "run"), device="cpu"))
+        finally:
+            common.fit_to_world = full
+        recorded = torch.load(os.path.join(tmp, "run", "ckpt.pt"), weights_only=True)["config"]["sigma_d"]
+        assert math.isclose(recorded, math.sqrt(common.make_world("8gaussians").total_variance() / 2))
+
+
 def test_scm_student_wrapper_starts_as_the_teachers_trigflow_velocity():
     """F(x~, t) = ((sigma_d cos t - sin t) x~ + N(sigma_d x~ / scale, r)) / scale: with N the exact rectified-flow
     velocity, sigma_d F is the exact TrigFlow velocity E[dx_t/dt | x_t] (computed from first principles), and so is
@@ -3345,7 +3376,8 @@ def test_scm_loss_value_and_gradient_match_algorithm_1_computed_independently():
 
 
 def scm_config(out, **kw):
-    return scm.Config(**{"out": out, "hidden": 32, "depth": 2, "batch": 128, "steps": 80, "warmup": 20,
+    """A short run at a fixed sigma_d of 0.5 (the data's own, the default, has its own test)."""
+    return scm.Config(**{"out": out, "hidden": 32, "depth": 2, "batch": 128, "steps": 80, "warmup": 20, "sigma_d": 0.5,
                          "log_every": 20, "ckpt_every": 40, "eval_samples": 300, "device": "cpu", **kw})
 
 
@@ -3379,7 +3411,7 @@ def test_scm_short_sct_and_scd_runs_lower_the_tangent_sample_and_resume_exactly(
         half = torch.load(os.path.join(tmp, "half", "ckpt.pt"), weights_only=True)
         for mode in ("scd", "sct"):
             ckpt = torch.load(os.path.join(tmp, mode, "ckpt.pt"), weights_only=True)
-            cfg = scm_config("", mode=mode)
+            cfg = dataclasses.replace(scm_config("", mode=mode), sigma_d=ckpt["config"]["sigma_d"])  # the data's, resolved
             start = scm.TrigFlowStudent(common.build_backbone(ckpt["backbone"]), cfg.sigma_d)
             common.init_from_teacher(start.net, teacher_net)
             trained = copy.deepcopy(start)
@@ -3388,7 +3420,7 @@ def test_scm_short_sct_and_scd_runs_lower_the_tangent_sample_and_resume_exactly(
             assert after < 0.7 * before, (mode, before, after)
             log = [json.loads(line) for line in open(os.path.join(tmp, mode, "log.jsonl"))]
             assert [row["step"] for row in log] == [20, 40, 60, 80] and log[0]["r"] == 19 / 20 and log[-1]["r"] == 1.0
-            x = scm.sample(emas[mode], torch.randn(500, 2), None, [math.atan(80 / 0.5), 1.1])
+            x = scm.sample(emas[mode], torch.randn(500, 2), None, [math.atan(80 / cfg.sigma_d), 1.1])
             assert torch.isfinite(x).all() and x.abs().max() < 10
             rows = json.load(open(os.path.join(tmp, mode, "metrics.json")))["results"]
             student = [r for r in rows if r["sampler"] == "student"]
