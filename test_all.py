@@ -3376,9 +3376,9 @@ def test_scm_loss_value_and_gradient_match_algorithm_1_computed_independently():
 
 
 def scm_config(out, **kw):
-    """A short run at a fixed sigma_d of 0.5 (the data's own, the default, has its own test)."""
+    """A short run at the paper's sigma_d 0.5 and proposal (the 2D defaults differ: README, "sCM defaults")."""
     return scm.Config(**{"out": out, "hidden": 32, "depth": 2, "batch": 128, "steps": 80, "warmup": 20, "sigma_d": 0.5,
-                         "log_every": 20, "ckpt_every": 40, "eval_samples": 300, "device": "cpu", **kw})
+                         "p_mean": -1.0, "log_every": 20, "ckpt_every": 40, "eval_samples": 300, "device": "cpu", **kw})
 
 
 def scm_consistency_residual(student, world, cfg, n=2000):
