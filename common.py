@@ -1198,12 +1198,16 @@ def load_training_state(path, cfg, objects, data=None, device="cpu"):
     return ckpt["step"]
 
 
-def bench(named_steps, repeats=10, warmup=3):
+def bench(named_steps, repeats=10, warmup=3, passes=None, floors=None):
     """Wall time of training-step callables measured side by side in one run (interleaved, median),
-    printed as a table with the ratio to the first (the plain flow-matching step)."""
-    times = {name: [] for name in named_steps}
+    printed as a table with the ratio to the first (the plain flow-matching step). passes: the primitive
+    passes of the same network and batch (a forward, a JVP, ...), timed in the same loop; floors: for a
+    step, how many of each pass (or of another step) it cannot do without. Then a second table puts each
+    such step's time next to its pass-count floor."""
+    timed = {**named_steps, **(passes or {})}
+    times = {name: [] for name in timed}
     for i in range(warmup + repeats):
-        for name, fn in named_steps.items():
+        for name, fn in timed.items():
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -1213,10 +1217,16 @@ def bench(named_steps, repeats=10, warmup=3):
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     med = {name: float(np.median(v)) * 1000 for name, v in times.items()}
-    base = next(iter(med.values()))
+    base = med[next(iter(named_steps))]
     print0("| step | ms (median of %d) | ratio |\n|---|---|---|" % repeats)
-    for name, ms in med.items():
-        print0(f"| {name} | {ms:.1f} | {ms / base:.2f} |")
+    for name in named_steps:
+        print0(f"| {name} | {med[name]:.1f} | {med[name] / base:.2f} |")
+    if floors:
+        print0("\n| step | ms | pass-count floor, ms | floor's passes | measured / floor |\n|---|---|---|---|---|")
+        for name, counts in floors.items():
+            floor = sum(n * med[p] for p, n in counts.items())
+            listed = " + ".join(f"{n} x {p} ({med[p]:.1f})" for p, n in counts.items())
+            print0(f"| {name} | {med[name]:.1f} | {floor:.1f} | {listed} | {med[name] / floor:.2f} |")
     return med
 
 

@@ -347,8 +347,28 @@ def train(cfg):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        # the passes an iteration cannot do without: the flow-matching step's forward+backward+update, plus the
+        # teacher's forward (sCD) and one JVP of the student (the tangent), on the same network and batch
+        t = torch.rand(len(x0), device=d.device)
+        tangent = (torch.randn_like(x0), torch.ones_like(t))
+
+        @torch.no_grad()
+        def forward():
+            unwrap(model)(x0, t, y)
+
+        @torch.no_grad()
+        def student_jvp():
+            jvp(lambda xs, tt: unwrap(model)(xs, tt, y), (x0, t), tangent)
+        step_name = f"{cfg.mode} ({cfg.jvp})"
+        teacher_forwards = 1 if cfg.mode == "scd" else 0
+        if cfg.jvp == "jvp":
+            floor = {"flow matching": 1, "jvp": 1, "forward": teacher_forwards}
+        else:  # the central difference: two forwards in place of the JVP
+            floor = {"flow matching": 1, "forward": teacher_forwards + 2}
+        floor = {p: n for p, n in floor.items() if n}
         print0(f"{cfg.bench_data}: {type(net).__name__}, batch {batch}, {sum(p.numel() for p in net.parameters())} parameters")
-        bench({"flow matching": fm_step, f"{cfg.mode} ({cfg.jvp})": train_step})
+        bench({"flow matching": fm_step, step_name: train_step}, passes={"forward": forward, "jvp": student_jvp},
+              floors={step_name: floor})
         cleanup()
         return None
 
