@@ -969,10 +969,13 @@ def test_every_method_benches_the_same_workload_against_flow_matching():
             assert rows[0][0] == "flow matching" and rows[0][2] == 1.0 and len(rows) >= 2, printed.getvalue()
             assert all(ms > 0 and ratio > 0 for _, ms, ratio in rows), rows
             assert "checkerboard: MLPTrunk, batch 8" in printed.getvalue(), printed.getvalue()
-            if method is scm:  # the step next to its pass-count floor: flow-matching step + JVP + teacher forward
-                floor = [l for l in printed.getvalue().splitlines() if l.startswith("| scd (jvp) |") and l.count("|") == 6]
-                assert len(floor) == 1 and "1 x flow matching" in floor[0] and "1 x jvp" in floor[0] \
-                    and "1 x forward" in floor[0] and float(floor[0].split("|")[3]) > 0, printed.getvalue()
+            floors = {scm: ("| scd (jvp) |", ("1 x flow matching", "1 x jvp", "1 x forward")),  # + the teacher
+                      freeflow: ("| freeflow (both) |", ("2 x flow matching", "0.75 x jvp", " x forward"))}
+            if method in floors:  # the step next to its pass-count floor
+                start, passes = floors[method]
+                floor = [l for l in printed.getvalue().splitlines() if l.startswith(start) and l.count("|") == 6]
+                assert len(floor) == 1 and all(p in floor[0] for p in passes) and float(floor[0].split("|")[3]) > 0, \
+                    printed.getvalue()
             out = os.path.join(tmp, method.__name__)
             assert not os.path.exists(out) or not os.listdir(out), os.listdir(out)
 
