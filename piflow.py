@@ -433,10 +433,22 @@ def train(cfg):
             opts[n].zero_grad(set_to_none=True)
             loss.backward()
             opts[n].step()
+        tau = torch.rand(batch, device=d.device)
+
+        @torch.no_grad()
+        def teacher_call():  # one teacher query of the batch, CFG included as in training
+            teacher.velocity(x0, tau, y, cfg.guidance, interval=floats(cfg.guidance_interval))
+        # the network passes an iteration cannot do without: per segment, the student's gradient pass (a
+        # flow-matching step) and S teacher calls; the data trainer takes one segment, the data-free one all m.
+        # The policy's substeps are network-free and not in the floor.
+        names = {m: f"pi-ID {m} NFE ({cfg.policy}, {cfg.trainer})" for m in nfes}
+        segments = {m: 1 if cfg.trainer == "data" else m for m in nfes}
         print0(f"{cfg.bench_data}: {type(students[n].net).__name__}, batch {batch}, S = {cfg.num_intermediate} teacher calls "
                f"per segment, {sum(p.numel() for p in students[n].parameters())} parameters")
-        bench({"flow matching": fm_step, **{f"pi-ID {m} NFE ({cfg.policy}, {cfg.trainer})": (lambda m_: lambda: train_step(
-            m_, cfg.warmup))(m) for m in nfes}})
+        bench({"flow matching": fm_step, **{names[m]: (lambda m_: lambda: train_step(m_, cfg.warmup))(m) for m in nfes}},
+              passes={"teacher call": teacher_call},
+              floors={names[m]: {"flow matching": segments[m], "teacher call": segments[m] * cfg.num_intermediate}
+                      for m in nfes})
         cleanup()
         return None
 

@@ -970,7 +970,8 @@ def test_every_method_benches_the_same_workload_against_flow_matching():
             assert all(ms > 0 and ratio > 0 for _, ms, ratio in rows), rows
             assert "checkerboard: MLPTrunk, batch 8" in printed.getvalue(), printed.getvalue()
             floors = {scm: ("| scd (jvp) |", ("1 x flow matching", "1 x jvp", "1 x forward")),  # + the teacher
-                      freeflow: ("| freeflow (both) |", ("2 x flow matching", "0.75 x jvp", " x forward"))}
+                      freeflow: ("| freeflow (both) |", ("2 x flow matching", "0.75 x jvp", " x forward")),
+                      piflow: ("| pi-ID 1 NFE (gm, data) |", ("1 x flow matching", "2 x teacher call"))}
             if method in floors:  # the step next to its pass-count floor
                 start, passes = floors[method]
                 floor = [l for l in printed.getvalue().splitlines() if l.startswith(start) and l.count("|") == 6]
