@@ -657,7 +657,7 @@ class DataSource:
 #   t: time in [0, 1] (B,); s: optional second time (flow maps); g: optional guidance scale;
 #   y: class label, num_classes is the null label (CFG); return_features also gives (B, hidden)
 #   bottleneck features for heads. Attention runs torch's fused scaled_dot_product_attention, except inside
-#   jvp() below: the fused kernels have no forward-mode derivative, so there it is written out as a softmax.
+#   jvp() below (explicit_attention): the fused kernels have no forward-mode derivative, so there it is written out as a softmax.
 
 def timestep_embedding(t, dim, scale=1000.0):
     """Sinusoidal positional embedding of scale * t, computed in fp32 (bf16 here breaks JVP tangents)."""
@@ -780,17 +780,24 @@ class MLPTrunk(Trunk):
         return (out, features) if return_features else out
 
 
-_IN_JVP = False  # set by jvp(): attention takes its explicit, forward-mode differentiable form
+_EXPLICIT_ATTENTION = False  # set by explicit_attention(): Attention writes softmax(q k^T / sqrt(d)) v out
+
+
+@contextlib.contextmanager
+def explicit_attention(on=True):
+    """Within: every Attention in its explicit softmax form, which forward-mode AD goes through."""
+    global _EXPLICIT_ATTENTION
+    previous, _EXPLICIT_ATTENTION = _EXPLICIT_ATTENTION, on
+    try:
+        yield
+    finally:
+        _EXPLICIT_ATTENTION = previous
 
 
 def jvp(fn, primals, tangents):
     """torch.func.jvp(fn, primals, tangents) with every Attention in its explicit softmax form."""
-    global _IN_JVP
-    previous, _IN_JVP = _IN_JVP, True
-    try:
+    with explicit_attention():
         return torch.func.jvp(fn, primals, tangents)
-    finally:
-        _IN_JVP = previous
 
 
 class Attention(nn.Module):
@@ -803,7 +810,7 @@ class Attention(nn.Module):
     def forward(self, x):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        if _IN_JVP:  # softmax(q k^T / sqrt(d)) v written out: forward-mode AD goes through it
+        if _EXPLICIT_ATTENTION:  # softmax(q k^T / sqrt(d)) v written out: forward-mode AD goes through it
             out = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(C // self.heads), -1) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -1224,6 +1231,7 @@ def bench(named_steps, repeats=10, warmup=3, passes=None, floors=None):
     if floors:
         print0("\n| step | ms | pass-count floor, ms | floor's passes | measured / floor |\n|---|---|---|---|---|")
         for name, counts in floors.items():
+            counts = {p: n for p, n in counts.items() if n}
             floor = sum(n * med[p] for p, n in counts.items())
             listed = " + ".join(f"{n} x {p} ({med[p]:.1f})" for p, n in counts.items())
             print0(f"| {name} | {med[name]:.1f} | {floor:.1f} | {listed} | {med[name] / floor:.2f} |")
@@ -1730,17 +1738,13 @@ def bench_attention():
 
         def attention(explicit, backward):
             def step():
-                global _IN_JVP
-                _IN_JVP = explicit
-                try:
+                with explicit_attention(explicit):
                     if backward:
                         net.zero_grad(set_to_none=True)
                         net(x, t, y).square().mean().backward()
                     else:
                         with torch.no_grad():
                             net(x, t, y)
-                finally:
-                    _IN_JVP = False
             return step
         for backward in (False, True):
             passes = "forward+backward" if backward else "forward"

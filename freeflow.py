@@ -314,10 +314,10 @@ def train(cfg):
 
         def delta_jvp():
             velocity_and_delta_derivative(unwrap(model), x0, delta, y, gamma)
-        # the passes an iteration cannot do without, on the same network and batch (rows of the prediction share
-        # f count f of a pass): per update of g, the one-step samples (a forward) and g's flow-matching step; the
-        # student's gradient pass (a flow-matching step); on prediction rows the JVP and the teacher (two passes
-        # under CFG); on correction rows the teacher (one pass at least: no CFG past corr_guidance_max) and g
+        # the passes an iteration cannot do without, on the same network and batch (a pass over the share f of
+        # the batch counts f): per update of g, the one-step samples (a forward) and g's flow-matching step; the
+        # student's gradient pass (a flow-matching step); on the prediction share f the JVP and the teacher (two
+        # passes under CFG); on the rest the teacher (one pass at least: no CFG past corr_guidance_max) and g
         f = {"prediction": 1.0, "correction": 0.0}.get(cfg.objective, cfg.pred_frac)
         fakes = cfg.fake_updates if use_correction else 0
         floor = {"flow matching": fakes + 1, "forward": fakes + f * (2 if num_classes else 1) + (1 - f) * 2, "jvp": f}
@@ -325,7 +325,7 @@ def train(cfg):
         print0(f"{cfg.bench_data}: {type(student).__name__}, batch {batch}, "
                f"{sum(p.numel() for p in student.parameters())} parameters")
         bench({"flow matching": fm_step, step_name: train_step}, passes={"forward": forward, "jvp": delta_jvp},
-              floors={step_name: {p: n for p, n in floor.items() if n}})
+              floors={step_name: floor})
         cleanup()
         return None
 

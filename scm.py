@@ -60,7 +60,7 @@ class Config:
     sigma_d: float = 0.0           # TrigFlow data standard deviation. 0: the data's own, as the paper has it (data
                                    # normalised to sigma_d = 0.5): a mixture world's RMS std per dimension, or 0.5
                                    # for images in [-1, 1]. sigma_d sets where the proposal below puts its noise
-                                   # levels relative to the data (README, "sigma_d")
+                                   # levels relative to the data (README, "sCM defaults")
     p_mean: float = -2.2           # proposal tan(t) = exp(tau) / sigma_d, tau ~ N(p_mean, p_std^2). Paper CIFAR-10:
                                    # -1.0 (kept for images, below). On 2D worlds more training at low noise sharpens
     p_std: float = 1.4             # the student: -1.0 sprayed mass between the modes (README, "sCM defaults")
@@ -361,11 +361,8 @@ def train(cfg):
             jvp(lambda xs, tt: unwrap(model)(xs, tt, y), (x0, t), tangent)
         step_name = f"{cfg.mode} ({cfg.jvp})"
         teacher_forwards = 1 if cfg.mode == "scd" else 0
-        if cfg.jvp == "jvp":
-            floor = {"flow matching": 1, "jvp": 1, "forward": teacher_forwards}
-        else:  # the central difference: two forwards in place of the JVP
-            floor = {"flow matching": 1, "forward": teacher_forwards + 2}
-        floor = {p: n for p, n in floor.items() if n}
+        floor = ({"flow matching": 1, "jvp": 1, "forward": teacher_forwards} if cfg.jvp == "jvp"
+                 else {"flow matching": 1, "forward": teacher_forwards + 2})  # fd: two forwards for the JVP
         print0(f"{cfg.bench_data}: {type(net).__name__}, batch {batch}, {sum(p.numel() for p in net.parameters())} parameters")
         bench({"flow matching": fm_step, step_name: train_step}, passes={"forward": forward, "jvp": student_jvp},
               floors={step_name: floor})

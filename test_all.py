@@ -354,11 +354,8 @@ def test_jvp_through_both_trunks_matches_float64_central_difference():
         assert err < 1e-6, f"DiT ({norm}) JVP relative error {err}"
         # ordinary passes take the fused attention, the JVP its explicit form: both are the same function
         fused = dit(x.double(), t.double(), y)
-        common._IN_JVP = True
-        try:
+        with common.explicit_attention():
             explicit = dit(x.double(), t.double(), y)
-        finally:
-            common._IN_JVP = False
         assert torch.allclose(fused, explicit, rtol=0, atol=1e-10) and fused.abs().max() > 1e-2
 
 
