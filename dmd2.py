@@ -383,10 +383,33 @@ def train(cfg):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        t = torch.rand(len(x0), device=d.device)
+
+        @torch.no_grad()
+        def forward():
+            generator(x0, t, y)
+
+        def classifier_pass():  # a GAN logit's forward and backward: the head sits on the fake score's middle
+            critic_opt.zero_grad(set_to_none=True)  # features, so the backward stops halfway down the network
+            critic(x0, t, y, classify=True).sum().backward()
+
+        def classifier_pass_to_input():  # G's GAN term: through the frozen critic to its input only
+            critic.requires_grad_(False)
+            critic(x0.clone().requires_grad_(True), t, y, classify=True).sum().backward()
+            critic.requires_grad_(True)
+        # the passes a cycle of ttur iterations cannot do without. G's turn: its own forward+backward+update (a
+        # flow-matching step), the real and the fake score's forwards, and (GAN) the critic's pass to G's samples.
+        # Each critic turn: the denoising loss's forward+backward+update, (GAN) the fake and the real batch's
+        # classifier passes, and, in the turns without a G update, G's forward that makes the samples.
+        gan = critic.head is not None
+        name = f"dmd2 (1 G + {cfg.ttur} critic updates)"
+        floor = {"flow matching": 1 + cfg.ttur, "forward": 2 + cfg.ttur - 1,
+                 "classifier pass": 2 * cfg.ttur * gan, "classifier pass to the input": int(gan)}
         print0(f"{cfg.bench_data}: {type(generator).__name__}, batch {batch}, "
                f"{sum(p.numel() for p in generator.parameters())} parameters per network")
-        bench({"flow matching": fm_step, f"dmd2 (1 G + {cfg.ttur} critic updates)":
-               lambda: [iteration(i) for i in range(cfg.ttur)]})
+        bench({"flow matching": fm_step, name: lambda: [iteration(i) for i in range(cfg.ttur)]},
+              passes={"forward": forward, "classifier pass": classifier_pass,
+                      "classifier pass to the input": classifier_pass_to_input}, floors={name: floor})
         cleanup()
         return None
 

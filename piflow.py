@@ -253,17 +253,24 @@ def substep_counts(tau_from, tau_to, total_substeps):
     return torch.round((tau_from - tau_to) * total_substeps).clamp_min(1).long()
 
 
-def rollout(policy, x, tau_from, tau_to, cfg):
-    """Euler in sigma, x <- x + pi(x, sigma) (sigma_next - sigma), per-sample substep counts; samples that
+def rollout(policy, x, taus, cfg):
+    """Euler in sigma, x <- x + pi(x, sigma) (sigma_next - sigma), through the waypoints taus = [tau_0, tau_1, ...]
+    (each (B,), decreasing); returns the state at each waypoint after the first. Each stretch gets its own
+    substep count and per-sample uniform grid, as if rolled out alone; chaining them in one loop costs the
+    largest per-sample total of substeps rather than the sum over stretches of each one's largest. Samples that
     need fewer substeps stop moving (step 0) while the others finish."""
-    n = substep_counts(tau_from, tau_to, cfg.total_substeps)
-    i = torch.arange(int(n.max()) + 1, device=x.device)[:, None]                 # (max n + 1, 1)
-    tau = tau_from - torch.minimum(i, n) * ((tau_from - tau_to) / n)              # per-sample grid, held at its end
+    n = torch.stack([substep_counts(a, b, cfg.total_substeps) for a, b in zip(taus[:-1], taus[1:])])  # (J, B)
+    ends = n.cumsum(0)                                                             # last substep of each stretch
+    h = torch.stack([(a - b) / k for a, b, k in zip(taus[:-1], taus[1:], n)])     # substep length per stretch
+    i = torch.arange(int(ends[-1].max()) + 1, device=x.device)[:, None, None]     # (max total + 1, 1, 1)
+    tau = taus[0] - (torch.minimum((i - (ends - n)).clamp_min(0), n) * h).sum(1)  # per-sample grid, held at its end
     sigma = warp(tau, cfg.shift)
     steps = (sigma[1:] - sigma[:-1]).to(x.dtype)                                  # 0 once a sample is done
+    states = [x] * (len(n) - 1)  # the last stretch's end is where every sample stops
     for k in range(len(steps)):
         x = x + bc(steps[k], x) * policy.velocity(x, sigma[k]).to(x.dtype)
-    return x
+        states = [torch.where(bc(ends[j] == k + 1, x), x, states[j]) for j in range(len(states))]
+    return states + [x]
 
 
 def average_velocity(policy, x, tau_a, tau_e, cfg):
@@ -275,7 +282,7 @@ def average_velocity(policy, x, tau_a, tau_e, cfg):
     if bool(short.all()):
         return local
     sigma_e = warp(tau_e, cfg.shift)
-    mean = (x - rollout(policy, x, tau_a, tau_e, cfg)) / bc((sigma_a - sigma_e).clamp_min(1e-12), x)
+    mean = (x - rollout(policy, x, [tau_a, tau_e], cfg)[0]) / bc((sigma_a - sigma_e).clamp_min(1e-12), x)
     return torch.where(bc(short, x), local, mean)
 
 
@@ -298,10 +305,16 @@ def piid_segment(model, teacher, x_s, tau_s, tau_dst, y, cfg, mix_ratio=0.0):
     d_teacher = torch.diff(F.pad(cuts, (1, 0)), dim=1, append=torch.ones(B, 1, device=x_s.device, dtype=L.dtype))
     d_teacher = d_teacher * mix_ratio * span
     x, tau, losses = x_s, tau_s, []
+    if mix_ratio == 0:  # no teacher steps in between: the S on-policy states lie on one rollout of the policy
+        waypoints = [tau_s]
+        for i in range(S):
+            waypoints.append(waypoints[-1] - d_student[:, i])
+        with torch.no_grad():
+            on_policy = rollout(rollout_policy, x_s, waypoints, cfg)
     for i in range(S):
         tau_a = tau - d_student[:, i]
         with torch.no_grad():  # on-policy state (the detached, dropout-perturbed policy) and the teacher's target
-            x_a = rollout(rollout_policy, x, tau, tau_a, cfg)
+            x_a = on_policy[i] if mix_ratio == 0 else rollout(rollout_policy, x, [tau, tau_a], cfg)[0]
             u_teacher = teacher.velocity(x_a, warp(tau_a, cfg.shift).to(x_a.dtype), y, cfg.guidance,
                                          interval=floats(cfg.guidance_interval))
         tau_b = tau_a - d_teacher[:, i]
@@ -344,7 +357,7 @@ def piid_step(model, teacher, x0, y, nfe, cfg, mix_ratio, step=0):
         loss.backward()
         total += loss.item()
         with torch.no_grad():
-            x = rollout(rollout_policy, x_last, tau_last, tau_dst, cfg)
+            x = rollout(rollout_policy, x_last, [tau_last, tau_dst], cfg)[0]
     return total
 
 
@@ -362,7 +375,7 @@ def sample(net, z, y, nfe, cfg):
         policy = make_policy(out, x, tau_s, tau_dst, cfg.shift)
         if isinstance(policy, GMPolicy) and i < nfe - 1:
             policy.temperature_(cfg.temperature)
-        x = rollout(policy, x, tau_s, tau_dst, cfg).to(z.dtype)
+        x = rollout(policy, x, [tau_s, tau_dst], cfg)[0].to(z.dtype)
     return x
 
 
@@ -438,17 +451,24 @@ def train(cfg):
         @torch.no_grad()
         def teacher_call():  # one teacher query of the batch, CFG included as in training
             teacher.velocity(x0, tau, y, cfg.guidance, interval=floats(cfg.guidance_interval))
-        # the network passes an iteration cannot do without: per segment, the student's gradient pass (a
-        # flow-matching step) and S teacher calls; the data trainer takes one segment, the data-free one all m.
-        # The policy's substeps are network-free and not in the floor.
+        with torch.no_grad():
+            policy = make_policy(students[n](x0, tau, y), x0, torch.ones_like(tau), torch.zeros_like(tau), cfg.shift)
+
+        @torch.no_grad()
+        def policy_velocity():  # one network-free substep's velocity of a policy for the batch
+            policy.velocity(x0, tau)
+        # what an iteration cannot do without, per segment: the student's gradient pass (a flow-matching step),
+        # S teacher calls, and the policy's velocity at the M / m substeps of the segment's rollout plus at the S
+        # states where it is regressed. The data trainer takes one segment, the data-free one all m.
         names = {m: f"pi-ID {m} NFE ({cfg.policy}, {cfg.trainer})" for m in nfes}
         segments = {m: 1 if cfg.trainer == "data" else m for m in nfes}
+        substeps = {m: round(cfg.total_substeps / m) + cfg.num_intermediate for m in nfes}
         print0(f"{cfg.bench_data}: {type(students[n].net).__name__}, batch {batch}, S = {cfg.num_intermediate} teacher calls "
                f"per segment, {sum(p.numel() for p in students[n].parameters())} parameters")
         bench({"flow matching": fm_step, **{names[m]: (lambda m_: lambda: train_step(m_, cfg.warmup))(m) for m in nfes}},
-              passes={"teacher call": teacher_call},
-              floors={names[m]: {"flow matching": segments[m], "teacher call": segments[m] * cfg.num_intermediate}
-                      for m in nfes})
+              passes={"teacher call": teacher_call, "policy velocity": policy_velocity},
+              floors={names[m]: {"flow matching": segments[m], "teacher call": segments[m] * cfg.num_intermediate,
+                                 "policy velocity": segments[m] * substeps[m]} for m in nfes})
         cleanup()
         return None
 

@@ -968,12 +968,14 @@ def test_every_method_benches_the_same_workload_against_flow_matching():
             assert "checkerboard: MLPTrunk, batch 8" in printed.getvalue(), printed.getvalue()
             floors = {scm: ("| scd (jvp) |", ("1 x flow matching", "1 x jvp", "1 x forward")),  # + the teacher
                       freeflow: ("| freeflow (both) |", ("2 x flow matching", "0.75 x jvp", " x forward")),
-                      piflow: ("| pi-ID 1 NFE (gm, data) |", ("1 x flow matching", "2 x teacher call"))}
-            if method in floors:  # the step next to its pass-count floor
-                start, passes = floors[method]
-                floor = [l for l in printed.getvalue().splitlines() if l.startswith(start) and l.count("|") == 6]
-                assert len(floor) == 1 and all(p in floor[0] for p in passes) and float(floor[0].split("|")[3]) > 0, \
-                    printed.getvalue()
+                      piflow: ("| pi-ID 1 NFE (gm, data) |", ("1 x flow matching", "2 x teacher call",
+                                                               "130 x policy velocity")),  # M = 128 substeps + S
+                      dmd2: ("| dmd2 (1 G + 5 critic updates) |", ("6 x flow matching", "6 x forward",
+                                                                     "10 x classifier pass", "1 x classifier pass to the input"))}
+            start, passes = floors[method]  # the step next to its pass-count floor
+            floor = [l for l in printed.getvalue().splitlines() if l.startswith(start) and l.count("|") == 6]
+            assert len(floor) == 1 and all(p in floor[0] for p in passes) and float(floor[0].split("|")[3]) > 0, \
+                printed.getvalue()
             out = os.path.join(tmp, method.__name__)
             assert not os.path.exists(out) or not os.listdir(out), os.listdir(out)
 
@@ -2058,9 +2060,9 @@ def test_piflow_piid_segment_loss_follows_its_definition():
         dropped.logweights = torch.log_softmax(policy.logweights.masked_fill(~keep[:, :, None, None, None], -float("inf")), 1)
         window = 4 * 0.5 / round(0.5 * cfg.total_substeps)
         tau_a = tau_s - torch.rand(B, 1, dtype=torch.float64)[:, 0] * (0.5 - window)
-        x_a = piflow.rollout(dropped, x_s, tau_s, tau_a, cfg)
+        x_a = piflow.rollout(dropped, x_s, [tau_s, tau_a], cfg)[0]
         u_teacher = labelled.velocity(x_a, tau_a.float(), y, 2.0)
-        x_e = piflow.rollout(policy, x_a, tau_a, tau_a - window, cfg)
+        x_e = piflow.rollout(policy, x_a, [tau_a, tau_a - window], cfg)[0]
         u_policy = (x_a - x_e) / window
         expected = cfg.loss_scale * 0.5 * (u_policy - u_teacher).pow(2).flatten(1).mean(1)
     assert (loss[:, 0] - expected).abs().max() < 1e-4 * expected.abs().max(), (loss[:, 0], expected)
@@ -2076,7 +2078,7 @@ def test_piflow_datafree_step_weights_each_segment_by_its_length():
         seen.append(float(tau_s[0] - tau_dst[0]))
         return torch.full((len(x), 1), value, requires_grad=True), x, tau_dst, None
     original = piflow.piid_segment, piflow.rollout
-    piflow.piid_segment, piflow.rollout = fake_segment, lambda policy, x, a, b, cfg: x
+    piflow.piid_segment, piflow.rollout = fake_segment, lambda policy, x, taus, cfg: [x]
     try:
         cfg = piflow.Config(trainer="datafree", final_step_scale=0.5)
         total = piflow.piid_step(None, None, torch.zeros(4, 2), None, 3, cfg, 0.0)
@@ -2121,12 +2123,25 @@ def test_piflow_dx_interpolation_and_rollout_substep_rule():
     tau_to = torch.tensor([0.0, 0.75, 0.6, 0.499, 0.19], dtype=torch.float64)
     counts = piflow.substep_counts(tau_from, tau_to, 128)
     assert counts.tolist() == [128, 32, 13, 1, 1]
-    x = piflow.rollout(Linear(), torch.ones(5, 1, dtype=torch.float64), tau_from, tau_to, piflow.Config())
+    x = piflow.rollout(Linear(), torch.ones(5, 1, dtype=torch.float64), [tau_from, tau_to], piflow.Config())[0]
     delta = tau_from - tau_to
     expected = (1 - delta / counts) ** counts
     assert (x[:, 0] - expected).abs().max() < 1e-12
     assert ((x[:, 0] - (1 - delta / (counts + 1)) ** (counts + 1)).abs()[:3] > 1e-7).all()
     assert Linear.calls == 128
+
+    # through waypoints (pi-ID's S on-policy states): each stretch keeps its own substep grid, so the states equal
+    # rolling out stretch by stretch, and the loop costs the largest per-sample total of substeps (115 + 13 for the
+    # first sample), not the sum of each stretch's largest count (115 + 31)
+    tau_mid = torch.tensor([0.1, 0.99, 0.65, 0.4995, 0.195], dtype=torch.float64)
+    first, second = piflow.substep_counts(tau_from, tau_mid, 128), piflow.substep_counts(tau_mid, tau_to, 128)
+    assert int((first + second).max()) == 128 and int(first.max() + second.max()) == 146, (first, second)
+    Linear.calls = 0
+    x_mid, x_end = piflow.rollout(Linear(), torch.ones(5, 1, dtype=torch.float64), [tau_from, tau_mid, tau_to], piflow.Config())
+    assert Linear.calls == 128, Linear.calls
+    one = lambda x, a, b: piflow.rollout(Linear(), x, [a, b], piflow.Config())[0]
+    x_mid_alone = one(torch.ones(5, 1, dtype=torch.float64), tau_from, tau_mid)
+    assert (x_mid - x_mid_alone).abs().max() < 1e-12 and (x_end - one(x_mid_alone, tau_mid, tau_to)).abs().max() < 1e-12
 
 
 def test_piflow_student_starts_from_the_teacher():
@@ -3068,6 +3083,21 @@ def test_undistill_flux_toy_distillation_regresses_the_teachers_jump():
         uf.distilled_toy_schnell(cfg, world, uf.ToyText(8, 32), "cpu")
     (target,) = recorder.targets
     assert torch.allclose(target, uf.to_latent(V).expand_as(target), atol=1e-5)
+
+
+def test_undistill_flux_bench_prints_the_step_next_to_its_floor():
+    """--bench times the adapter step against a full fine-tuning step of the same random-weight transformer and
+    puts it next to its floor, one forward and backward of the adapted network; nothing is written."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "bench")
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert uf.train(uf.Config(bench=True, batch=4, out=out, device="cpu")) is None
+        rows = common._bench_rows(printed.getvalue())
+        assert [r[0] for r in rows] == ["flow matching (full fine-tune)", "undistill (lora)"], printed.getvalue()
+        floor = [l for l in printed.getvalue().splitlines() if l.startswith("| undistill (lora) |") and l.count("|") == 6]
+        assert len(floor) == 1 and "1 x forward+backward (" in floor[0] and float(floor[0].split("|")[3]) > 0, floor
+        assert not os.path.exists(out) or not os.listdir(out), os.listdir(out)
 
 
 def test_undistill_flux_toy_pipeline_torchrun_two_processes():
