@@ -87,6 +87,9 @@ class Config:
                                    # usual 1000 the time part of the tangent blew up (rms up to ~390) and the samples
                                    # collapsed (1-NFE mmd 0.51); 1 and 10 both train stably (1-NFE mmd 0.029, 0.031;
                                    # measured at sigma_d 0.5, p_mean -1.0)
+    fit_steps: int = 3000          # with --teacher gmm on vector data: steps of that fit (batch 512). sCD copies its
+                                   # network closely: from the shared 1000-step fit, 8gaussians 2-NFE swd 0.062 and
+                                   # nll 0.92 missed their bounds (0.053, 0.86; README, "sCM defaults"); 3000 meets them
     eval_samples: int = 4000
     fid_ref: str = ""              # real data: reference statistics .npz for FID (eval_fid.py)
     fid_weights: str = ""          # real data: pt_inception weights for FID
@@ -307,7 +310,8 @@ def train(cfg):
     # time-embedding scale (§4.1); a checkpoint brings its own architecture (train it with
     # `common.py teacher --norm adn --time-scale 10`).
     arch = {"arch": cfg.arch, "hidden": cfg.hidden, "depth": cfg.depth, "norm": "adn", "time_scale": cfg.time_scale}
-    teacher, teacher_net = teacher_for(cfg, data, d.device, arch_kwargs=arch)  # --bench: an untrained stand-in
+    teacher, teacher_net = teacher_for(cfg, data, d.device, arch_kwargs=arch,  # --bench: an untrained stand-in
+                                       fit_steps=cfg.fit_steps if len(data.shape) == 1 else None)
     if data.num_classes != teacher_net.num_classes:
         fail(f"--data has {data.num_classes} classes but the teacher network knows {teacher_net.num_classes}")
 

@@ -3314,6 +3314,42 @@ def image_mixture(seed=0):
                                   [0.3, 0.2, 0.4], shape=(2, 2, 2))
 
 
+def test_fit_steps_default_and_scms_closer_fit_on_vector_worlds():
+    """The shared fit takes 1000 steps on vector worlds and 4000 on images; sCM asks for --fit-steps (3000) on
+    vector worlds only, and the count is part of the cache key (a different count fits anew)."""
+    assert inspect.signature(common.fit_to_world).parameters["steps"].default is None
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def record(world, arch_kwargs=None, steps=None, **kw):
+        asked.append((world.name, steps))
+        raise Stop
+    original, common.fit_to_world = common.fit_to_world, record
+    try:
+        for data, fit_steps in (("checkerboard", 3000), ("checkerboard", 7), ("glyphs16", 7)):
+            with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(Stop):
+                scm.train(scm.Config(data=data, fit_steps=fit_steps, out=os.path.join(tmp, "run"), device="cpu"))
+        with contextlib.suppress(Stop):
+            common.teacher_for(dmd2.Config(), common.DataSource("checkerboard"), "cpu", {"hidden": 16, "depth": 1})
+    finally:
+        common.fit_to_world = original
+    assert asked == [("checkerboard", 3000), ("checkerboard", 7), ("glyphs16", None), ("checkerboard", None)], asked
+    with tempfile.TemporaryDirectory() as tmp:  # the defaults themselves: 1000 steps of batch 512 on a vector world
+        calls = []
+        original_step = torch.optim.Adam.step
+        torch.optim.Adam.step = lambda self, *a, **k: (calls.append(1), original_step(self, *a, **k))[1]
+        try:
+            common.fit_to_world(common.make_world("checkerboard"), {"hidden": 8, "depth": 1}, cache_dir=tmp)
+        finally:
+            torch.optim.Adam.step = original_step
+        assert len(calls) == 1000, len(calls)
+        assert len(os.listdir(tmp)) == 1
+        common.fit_to_world(common.make_world("checkerboard"), {"hidden": 8, "depth": 1}, steps=3, cache_dir=tmp)
+        assert len(os.listdir(tmp)) == 2
+
+
 def test_scm_sigma_d_defaults_to_the_datas_own_std():
     """--sigma-d 0 (the default) takes the data's standard deviation, as the paper normalises data to sigma_d:
     a vector mixture world's RMS std per dimension (its exact total variance against 200k samples), the paper's
