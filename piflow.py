@@ -459,7 +459,8 @@ def train(cfg):
             policy.velocity(x0, tau)
         # what an iteration cannot do without, per segment: the student's gradient pass (a flow-matching step),
         # S teacher calls, and the policy's velocity at the M / m substeps of the segment's rollout plus at the S
-        # states where it is regressed. The data trainer takes one segment, the data-free one all m.
+        # states where it is regressed (a window W > 0 adds its substeps, not counted here). The data trainer
+        # takes one segment, the data-free one all m.
         names = {m: f"pi-ID {m} NFE ({cfg.policy}, {cfg.trainer})" for m in nfes}
         segments = {m: 1 if cfg.trainer == "data" else m for m in nfes}
         substeps = {m: round(cfg.total_substeps / m) + cfg.num_intermediate for m in nfes}
