@@ -89,7 +89,7 @@ class Config:
                                    # measured at sigma_d 0.5, p_mean -1.0)
     fit_steps: int = 3000          # with --teacher gmm on vector data: steps of that fit (batch 512). sCD copies its
                                    # network closely: from the shared 1000-step fit, 8gaussians 2-NFE swd 0.062 and
-                                   # nll 0.92 missed their bounds (0.053, 0.86; README, "sCM defaults"); 3000 meets them
+                                   # nll 0.92 missed their bounds (0.053, 0.86; README, Quickstart); 3000 meets them
     eval_samples: int = 4000
     fid_ref: str = ""              # real data: reference statistics .npz for FID (eval_fid.py)
     fid_weights: str = ""          # real data: pt_inception weights for FID

@@ -3315,8 +3315,8 @@ def image_mixture(seed=0):
 
 
 def test_fit_steps_default_and_scms_closer_fit_on_vector_worlds():
-    """The shared fit takes 1000 steps on vector worlds and 4000 on images; sCM asks for --fit-steps (3000) on
-    vector worlds only, and the count is part of the cache key (a different count fits anew)."""
+    """The shared fit takes 1000 steps on vector worlds; sCM asks for --fit-steps (3000) on vector worlds only (on
+    images it leaves the fit's own default), and the count is part of the cache key (a different count fits anew)."""
     assert inspect.signature(common.fit_to_world).parameters["steps"].default is None
     asked = []
 
