@@ -278,12 +278,15 @@ class GaussianMixture:
     def _logits(self, x, t, y):
         """Log joint of component and x_t, with components of other classes masked when y is given.
         y == num_classes (the null label) or y None means unconditional."""
-        logw, _, _, _, labels = self._params(x)
-        logits = logw[None] + self._log_gauss_t(x, t)
-        if y is not None and labels is not None:
-            keep = (labels[None] == y[:, None]) | (y[:, None] == self.num_classes)
-            logits = logits.masked_fill(~keep, -float("inf"))
-        return logits
+        logw = self._params(x)[0]
+        return self._keep_class(logw[None] + self._log_gauss_t(x, t), y)
+
+    def _keep_class(self, logits, y):
+        labels = self._params(logits)[4]
+        if y is None or labels is None:
+            return logits
+        keep = (labels[None] == y[:, None]) | (y[:, None] == self.num_classes)
+        return logits.masked_fill(~keep, -float("inf"))
 
     def _t(self, t, x):
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
@@ -300,12 +303,12 @@ class GaussianMixture:
     def posterior(self, x, t, y=None):
         return torch.softmax(self._logits(x, self._t(t, x), y), 1)
 
-    def _conditional_velocity(self, x, t, y):
+    def _velocity_of(self, x, t, r):
+        """u = sum_k r_k [coef_k (x - a mu_k) - mu_k] for component responsibilities r (B, K); linear in r."""
         _, mu, s, _, _ = self._params(x)
-        r = self.posterior(x, t, y)
         a = (1 - t)[:, None]
         var = a ** 2 * s[None] ** 2 + t[:, None] ** 2
-        coef = (t[:, None] - a * s[None] ** 2) / var  # u = sum_k r_k [coef_k (x - a mu_k) - mu_k]
+        coef = (t[:, None] - a * s[None] ** 2) / var
         flat = x.reshape(len(x), -1)
         u = (r * coef).sum(1, keepdim=True) * flat - (r * (coef * a + 1)) @ mu
         return u.reshape(x.shape)
@@ -315,20 +318,22 @@ class GaussianMixture:
         t inside interval = (t_lo, t_hi) (guidance interval; cfg 1 outside)."""
         t = self._t(t, x)
         if y is None or self.labels is None:
-            return self._conditional_velocity(x, t, None)
+            return self._velocity_of(x, t, self.posterior(x, t))
         cfg = torch.as_tensor(cfg, dtype=x.dtype, device=x.device).expand(len(x))
         if interval is not None:
             cfg = torch.where((t >= interval[0]) & (t <= interval[1]), cfg, torch.ones_like(cfg))
-        u_cond = self._conditional_velocity(x, t, y)
+        joint = self._logits(x, t, None)  # one distance computation serves both posteriors
+        r_cond = torch.softmax(self._keep_class(joint, y), 1)
         if bool((cfg == 1).all()):
-            return u_cond
-        u_unc = self._conditional_velocity(x, t, torch.full_like(y, self.num_classes))
-        return u_unc + cfg.view(-1, *[1] * (x.ndim - 1)) * (u_cond - u_unc)
+            return self._velocity_of(x, t, r_cond)
+        # u is linear in the responsibilities, so CFG mixes those and pays for one velocity, not two
+        r_unc = torch.softmax(joint, 1)
+        return self._velocity_of(x, t, r_unc + cfg[:, None] * (r_cond - r_unc))
 
     def x0_mean(self, x, t, y=None):
         """E[x0 | x_t] (conditional on y when given)."""
         t = self._t(t, x)
-        return x - t.view(-1, *[1] * (x.ndim - 1)) * self._conditional_velocity(x, t, y)
+        return x - t.view(-1, *[1] * (x.ndim - 1)) * self._velocity_of(x, t, self.posterior(x, t, y))
 
     def nearest_component(self, x):
         """Most likely component of each clean sample (for mode coverage and class accuracy)."""
@@ -991,7 +996,9 @@ def fit_to_world(world, arch_kwargs=None, steps=None, batch=None, lr=1e-3, devic
         torch.manual_seed(0)
         gen = torch.Generator().manual_seed(0)
         net = new_backbone(world.shape, world.num_classes, **arch_kwargs).to(device)
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        # fused: one kernel over all parameters. On a CPU the default (foreach) Adam step of the image
+        # recipe's 10M-parameter MLP took 62 ms, more than half a forward+backward at batch 96; fused 9 ms
+        opt = torch.optim.Adam(net.parameters(), lr=lr, fused=True)
         for step in tqdm(range(steps), desc=f"fitting a {type(net).__name__} to the exact velocity", leave=False,
                          mininterval=0.5 if sys.stderr.isatty() else 10):
             y = None
@@ -1562,7 +1569,7 @@ def train_teacher(cfg):
     net = new_backbone(data.shape, data.num_classes, hidden=cfg.hidden, depth=cfg.depth, norm=cfg.norm,
                        dropout=cfg.dropout, time_scale=cfg.time_scale).to(d.device)
     ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
     ckpt_path, step = os.path.join(cfg.out, "ckpt.pt"), 0
     state = {"model": net, "ema": ema, "optimizer": opt}
     if cfg.resume:

@@ -100,7 +100,7 @@ class Config:
     # The fitted network is a wide MLP on flat pixels: on glyphs16 the DiT fit followed the label in 56 % of
     # its own 32-step samples.
     IMAGE_RECIPE = {"arch": "mlp", "hidden": 512, "depth": 3,
-                    "steps": 1200, "batch": 128, "ema_decay": 0.995, "guidance": 1.0}
+                    "steps": 1600, "batch": 128, "ema_decay": 0.995, "guidance": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,8 +256,8 @@ def train(cfg):
     init_from_teacher(student, teacher_net)
     init_from_teacher(fake, teacher_net)
     ema = copy.deepcopy(student).requires_grad_(False)
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    fake_opt = torch.optim.Adam(fake.parameters(), lr=cfg.fake_lr, betas=(0.9, 0.99))
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(0.9, 0.99), fused=True)
+    fake_opt = torch.optim.Adam(fake.parameters(), lr=cfg.fake_lr, betas=(0.9, 0.99), fused=True)
     state = {"model": student, "ema": ema, "opt": opt, "fake": fake, "fake_opt": fake_opt}
     ckpt_path, step = os.path.join(cfg.out, "ckpt.pt"), 0
     if cfg.resume:
