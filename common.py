@@ -326,9 +326,8 @@ class GaussianMixture:
         r_cond = torch.softmax(self._keep_class(joint, y), 1)
         if bool((cfg == 1).all()):
             return self._velocity_of(x, t, r_cond)
-        # u is linear in the responsibilities, so CFG mixes those and pays for one velocity, not two
-        r_unc = torch.softmax(joint, 1)
-        return self._velocity_of(x, t, r_unc + cfg[:, None] * (r_cond - r_unc))
+        u_cond, u_unc = self._velocity_of(x, t, r_cond), self._velocity_of(x, t, torch.softmax(joint, 1))
+        return u_unc + cfg.view(-1, *[1] * (x.ndim - 1)) * (u_cond - u_unc)
 
     def x0_mean(self, x, t, y=None):
         """E[x0 | x_t] (conditional on y when given)."""

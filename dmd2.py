@@ -101,6 +101,7 @@ class Config:
     # (paper ImageNet-64: 200k iterations at batch 280, lr 2e-6).
     # The fitted network is a wide MLP on flat pixels: on glyphs16 the DiT fit followed the label in 56 % of
     # its own 32-step samples.
+    # 2000 steps (400 G updates) drew worse proportions: mmd 0.238, mode_tv 0.449 against 1500's 0.159, 0.417.
     IMAGE_RECIPE = {"arch": "mlp", "hidden": 512, "depth": 3,
                     "steps": 1500, "batch": 128, "lr": 3e-4, "guidance": 1.0}
 
