@@ -309,9 +309,11 @@ def train(cfg):
     # The fitted stand-in for a teacher checkpoint uses the paper's adaptive double normalisation and a small
     # time-embedding scale (§4.1); a checkpoint brings its own architecture (train it with
     # `common.py teacher --norm adn --time-scale 10`).
+    # It fits at lr 1e-3 on images too: on glyphs16 this network at the other methods' 2e-3 drew blurrier 32-step
+    # Euler samples (nll 0.09 against -0.40, mmd 0.060 against 0.050).
     arch = {"arch": cfg.arch, "hidden": cfg.hidden, "depth": cfg.depth, "norm": "adn", "time_scale": cfg.time_scale}
     teacher, teacher_net = teacher_for(cfg, data, d.device, arch_kwargs=arch,  # --bench: an untrained stand-in
-                                       fit_steps=cfg.fit_steps if len(data.shape) == 1 else None)
+                                       fit_steps=cfg.fit_steps if len(data.shape) == 1 else None, fit_lr=1e-3)
     if data.num_classes != teacher_net.num_classes:
         fail(f"--data has {data.num_classes} classes but the teacher network knows {teacher_net.num_classes}")
 
