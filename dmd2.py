@@ -101,7 +101,8 @@ class Config:
     # (paper ImageNet-64: 200k iterations at batch 280, lr 2e-6).
     # The fitted network is a wide MLP on flat pixels: on glyphs16 the DiT fit followed the label in 56 % of
     # its own 32-step samples.
-    # 2000 steps (400 G updates) drew worse proportions: mmd 0.238, mode_tv 0.449 against 1500's 0.159, 0.417.
+    # 2000 steps (400 G updates) drew worse proportions on the earlier lr-1e-3 fit: mmd 0.238, mode_tv 0.449
+    # against 1500's 0.159, 0.417.
     # An EMA of G departs from the paper (none): at 300 G updates it averages out the noisy DM gradient's
     # speckle (1-NFE mmd 0.226 -> 0.201, swd 0.095 -> 0.082, nll 8.63 -> 7.98 at decay 0.99).
     IMAGE_RECIPE = {"arch": "mlp", "hidden": 512, "depth": 3,
