@@ -98,9 +98,10 @@ class Config:
     # Steps and batch fit a CPU budget of 20 minutes per run, training and evaluation included
     # (paper: 100k-1.5M iterations at batch ~256).
     # The fitted network is a wide MLP on flat pixels: on glyphs16 the DiT fit followed the label in 56 % of
-    # its own 32-step samples.
+    # its own 32-step samples. 2200 steps (about 19 minutes beside another job) against 1600: mmd 0.262 -> 0.248,
+    # swd 0.088 -> 0.086, mode_tv 0.357 -> 0.349, nll 6.86 -> 6.21.
     IMAGE_RECIPE = {"arch": "mlp", "hidden": 512, "depth": 3,
-                    "steps": 1600, "batch": 128, "ema_decay": 0.995, "guidance": 1.0}
+                    "steps": 2200, "batch": 128, "ema_decay": 0.995, "guidance": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------------
