@@ -31,7 +31,7 @@ The embedded default (CPU) reproduces the situation in miniature and measures it
      itself moves samples off the data law, raising mmd) and to a perfect toy schnell (the exact jumps it is
      distilled to).
 
-    python undistill_flux.py                              # the toy default, 10 min from scratch on 2 CPU cores (cached after)
+    python undistill_flux.py                              # the toy default, 10 min from scratch on one CPU core (cached after)
     python undistill_flux.py --adapter lokr               # LoKr instead of LoRA (factor 4)
     python undistill_flux.py --mask soft                  # LibreFLUX's probable 0/1 float mask
     python undistill_flux.py --bench                      # one un-distillation step vs a full fine-tune step
