@@ -798,9 +798,38 @@ def explicit_attention(on=True):
         _EXPLICIT_ATTENTION = previous
 
 
+class _LinearWithConstantWeight(torch.autograd.Function):
+    """F.linear whose forward-mode rule treats weight and bias as constants: d(x W^T + b) = dx W^T. torch's own
+    rule also multiplies x by the weight's tangent, which is zero for a module's parameter but still costs a
+    full matrix product (a third of the matrix work of a JVP through a linear layer)."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(inputs[1])
+
+    @staticmethod
+    def jvp(ctx, x_tangent, weight_tangent, bias_tangent):
+        return F.linear(x_tangent, ctx.saved_tensors[0])
+
+
+class _ParametersAsConstants(torch.overrides.TorchFunctionMode):
+    """Inside jvp() without autograd: a linear layer whose weight is an nn.Parameter (a module's, closed over by
+    fn; a primal of the JVP would arrive wrapped, not as a Parameter) takes the rule above."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear and not kwargs and isinstance(args[1], nn.Parameter) and not torch.is_grad_enabled():
+            return _LinearWithConstantWeight.apply(args[0], args[1], args[2] if len(args) > 2 else None)
+        return func(*args, **(kwargs or {}))
+
+
 def jvp(fn, primals, tangents):
-    """torch.func.jvp(fn, primals, tangents) with every Attention in its explicit softmax form."""
-    with explicit_attention():
+    """torch.func.jvp(fn, primals, tangents) with every Attention in its explicit softmax form and, without
+    autograd (how every method calls it), module weights held constant in the tangent pass."""
+    with explicit_attention(), _ParametersAsConstants():
         return torch.func.jvp(fn, primals, tangents)
 
 

@@ -364,6 +364,28 @@ def test_jvp_through_both_trunks_matches_float64_central_difference():
         assert torch.allclose(fused, explicit, rtol=0, atol=1e-10) and fused.abs().max() > 1e-2
 
 
+def test_jvp_takes_one_tangent_product_per_linear_layer_and_keeps_weight_tangents_exact():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 4))
+    x, v = torch.randn(5, 8), torch.randn(5, 8)
+
+    def matrix_products(jvp):
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            tangent = jvp(net, (x,), (v,))[1]
+        return tangent, sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+    ours, ours_products = matrix_products(common.jvp)
+    torchs, torchs_products = matrix_products(torch.func.jvp)
+    assert torch.allclose(ours, torchs, rtol=0, atol=1e-6) and ours.abs().max() > 1e-2
+    assert ours_products == 4 and torchs_products > 4  # two layers: a primal and a tangent product each
+    # a weight that is a primal of the JVP (not a module Parameter) keeps its tangent
+    params = dict(net.named_parameters())
+    directions = {k: torch.randn_like(p) for k, p in params.items()}
+    f = lambda p: torch.func.functional_call(net, p, (x,))
+    with torch.no_grad():
+        ours, exact = common.jvp(f, (params,), (directions,))[1], torch.func.jvp(f, (params,), (directions,))[1]
+    assert torch.allclose(ours, exact, rtol=0, atol=1e-6) and exact.abs().max() > 1e-1
+
+
 def test_backbone_signature_features_and_teacher_init():
     dit = common.new_backbone((1, 8, 8), 10, hidden=32, depth=2, heads=2)
     x, t, y = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([0, 5, 10])
