@@ -1792,14 +1792,38 @@ def bench_attention():
                    "scaled_dot_product_attention (now)": attention(False, backward)})
 
 
+def bench_jvp():
+    """A forward, torch.func.jvp with torch's own rule for linear layers, and jvp() with the one-product rule, side
+    by side in one run, on the networks the methods differentiate: sCM's 2D MLP, the image recipe's MLP, the DiT."""
+    setup_dist("cpu")
+    nets = {"2D MLP, hidden 96 (sCM's default), batch 512": ((2,), 0, dict(arch="mlp", hidden=96, norm="adn", time_scale=10.0), 512),
+            "glyphs16 MLP, hidden 512, depth 3 (image recipe), batch 128": ((1, 16, 16), 10, dict(arch="mlp", hidden=512, depth=3), 128),
+            "glyphs16 DiT (16 tokens, hidden 128, depth 4), batch 64": ((1, 16, 16), 10, dict(arch="dit", patch=4), 64)}
+    for title, (shape, num_classes, kwargs, batch) in nets.items():
+        net = new_backbone(shape, num_classes, **kwargs)
+        x, t, dx, dt = torch.randn(batch, *shape), torch.rand(batch), torch.randn(batch, *shape), torch.rand(batch)
+        y = torch.randint(0, num_classes, (batch,)) if num_classes else None
+        f = lambda x, t: net(x, t, y)
+
+        def torch_rule():
+            with explicit_attention():
+                torch.func.jvp(f, (x, t), (dx, dt))
+        print(f"{title} (ratio: in forwards)")
+        with torch.no_grad():
+            bench({"forward": lambda: f(x, t), "jvp, torch's linear rule (before)": torch_rule,
+                   "jvp, one tangent product per linear layer (now)": lambda: jvp(f, (x, t), (dx, dt))})
+
+
 if __name__ == "__main__":
-    commands = ("teacher", "compare", "bench-attention")
+    commands = ("teacher", "compare", "bench-attention", "bench-jvp")
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         fail("usage: python common.py teacher [--data checkerboard|glyphs16|mix.npz|path ...] | python common.py compare"
-             " | python common.py bench-attention; --help lists flags")
+             " | python common.py bench-attention | python common.py bench-jvp; --help lists flags")
     if sys.argv[1] == "teacher":
         train_teacher(parse_config(TeacherConfig, sys.argv[2:]))
     elif sys.argv[1] == "compare":
         compare(parse_config(CompareConfig, sys.argv[2:]))
-    else:
+    elif sys.argv[1] == "bench-attention":
         bench_attention()
+    else:
+        bench_jvp()
