@@ -99,9 +99,10 @@ class Config:
     # Steps and batch fit a CPU budget of 20 minutes per run, training and evaluation included
     # (paper ImageNet 1-NFE: 140k iterations at batch 4096).
     # The fitted network is a wide MLP on flat pixels: on glyphs16 the DiT fit followed the label in 56 % of
-    # its own 32-step samples.
+    # its own 32-step samples. Teacher CFG 1.5 (the paper's ImageNet teachers: 2.7-3.2) sharpens the 4-NFE student
+    # on two seeds: mmd 0.039 / 0.037 -> 0.032 / 0.029, nll 0.79 / 0.85 -> 0.51 / 0.53 (mode_tv 0.19 -> 0.21).
     IMAGE_RECIPE = {"arch": "mlp", "hidden": 512, "depth": 3,
-                    "steps": 2000, "batch": 64, "lr": 1e-4, "guidance": 1.0,
+                    "steps": 2000, "batch": 64, "lr": 1e-4, "guidance": 1.5,
                     "num_components": 8}  # K of the FLUX/Qwen recipe: at K = 32 the GM rollout made a step 4x slower
 
 
