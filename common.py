@@ -586,13 +586,19 @@ class DataSource:
     """Batches (x, y) of training data, sharded per rank, reshuffled every epoch. A mixture world draws
     fresh samples instead. The iterator state is part of checkpoints so that resume is exact."""
 
-    def __init__(self, spec, image_size=32, hflip=False, seed=0, class_conditional=True):
+    def __init__(self, spec, image_size=32, hflip=False, seed=0, class_conditional=True, train_size=0):
         self.world = make_world(spec)
-        self.name = spec
+        self.name, self.data = spec, None
         self.hflip, self.gen = hflip, torch.Generator().manual_seed(seed * 1000 + DIST.rank)
         self.epoch, self.pos = 0, 0
+        if train_size < 0:
+            fail(f"--train-size {train_size} must be >= 0 (0: all the data, or fresh world samples)")
         if self.world is not None:
             self.shape, self.num_classes = self.world.shape, self.world.num_classes
+            if train_size:  # a finite training set drawn once from the world, the same for every run and seed
+                # (a teacher trained on it and DMD2's GAN see the same samples); scoring stays against the world
+                x, labels = self.world.sample(train_size, generator=torch.Generator().manual_seed(0))
+                self._keep(x, labels if self.num_classes and class_conditional else None, train_size)
             return
         if not os.path.exists(spec):
             fail(f"data {spec!r} is neither a preset ({', '.join(WORLD_PRESETS)}), a mixture .npz, nor an existing path")
@@ -617,16 +623,24 @@ class DataSource:
             data = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         else:  # float latents, used as stored (NCHW or flat vectors)
             data = torch.from_numpy(images.astype(np.float32))
-        if not class_conditional:
-            labels = None
-        self.data = data[DIST.rank::DIST.world]
-        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)[DIST.rank::DIST.world]
-        self.shape = tuple(self.data.shape[1:])
-        self.num_classes = 0 if self.labels is None else int(labels.max()) + 1
+        labels = None if labels is None or not class_conditional else torch.as_tensor(labels, dtype=torch.long)
+        self.shape = tuple(data.shape[1:])
+        self.num_classes = 0 if labels is None else int(labels.max()) + 1
+        self._keep(data, labels, train_size)
+
+    def _keep(self, data, labels, train_size):
+        """The first train_size examples (all if 0), sharded per rank, in a fresh random order."""
+        if train_size > len(data):
+            fail(f"--train-size {train_size} exceeds the {len(data)} examples of {self.name}")
+        n = train_size or len(data)
+        if DIST.world > n:
+            fail(f"{self.name}: {n} training examples cannot be split across {DIST.world} processes; use more data")
+        self.data = data[:n][DIST.rank::DIST.world]
+        self.labels = None if labels is None else labels[:n][DIST.rank::DIST.world]
         self.order = torch.randperm(len(self.data), generator=self.gen)
 
     def next_batch(self, batch, device):
-        if self.world is not None:
+        if self.data is None:  # a world without a fixed training set: fresh samples
             y = None if not self.num_classes else torch.randint(0, self.num_classes, (batch,), generator=self.gen)
             return self.world.sample(batch, y, generator=self.gen, device=device)
         parts, need = [], batch
@@ -652,7 +666,7 @@ class DataSource:
     def load_state_dict(self, s):
         self.gen.set_state(s["gen"])
         self.epoch, self.pos = s["epoch"], s["pos"]
-        if self.world is None:
+        if self.data is not None:
             self.order = s["order"]
 
 
@@ -1577,6 +1591,8 @@ class TeacherConfig:
     dropout: float = 0.0
     image_size: int = 32        # for image folders
     hflip: bool = False
+    train_size: int = 0         # a fixed training set: the first N examples of the data, or N samples drawn once
+                                # from a world (scored against the whole world). 0: all the data / fresh samples
     grad_clip: float = 1.0
     eval_samples: int = 4000
     guidance: float = 1.0       # CFG scale for the evaluation samples
@@ -1590,7 +1606,7 @@ class TeacherConfig:
 
 def train_teacher(cfg):
     d = setup_dist(cfg.device, cfg.seed)
-    data = DataSource(cfg.data, cfg.image_size, cfg.hflip, cfg.seed)
+    data = DataSource(cfg.data, cfg.image_size, cfg.hflip, cfg.seed, train_size=cfg.train_size)
     prepare_out(cfg)
     if cfg.batch % d.world:
         fail(f"--batch {cfg.batch} is not divisible by the number of processes {d.world}")

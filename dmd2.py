@@ -77,6 +77,8 @@ class Config:
     ema_decay: float = 0.0         # 0: no EMA, as in the paper; > 0 evaluates an EMA of G
     image_size: int = 32           # image folders are resized to this (must match the teacher)
     hflip: bool = False            # random horizontal flips of the real data (GAN and --no-backward-sim)
+    train_size: int = 0            # a fixed real set: the first N examples, or N samples drawn once from a world
+                                   # (the set `common.py teacher --train-size N` trains on). 0: all / fresh samples
     arch: str = "auto"             # with --teacher gmm: trunk of the network fitted to the world: auto (MLP for
                                    # vectors, DiT for images) | mlp | dit
     hidden: int = 128              # ... its width and depth
@@ -330,7 +332,8 @@ def check_config(cfg, world_size):
 def train(cfg):
     d = setup_dist(cfg.device, cfg.seed)
     check_config(cfg, d.world)
-    data = DataSource(cfg.bench_data if cfg.bench else cfg.data, cfg.image_size, cfg.hflip, cfg.seed)
+    data = DataSource(cfg.bench_data if cfg.bench else cfg.data, cfg.image_size, cfg.hflip, cfg.seed,
+                      train_size=0 if cfg.bench else cfg.train_size)
     if cfg.guidance != 1 and not data.num_classes:
         fail("--guidance (CFG on the real score) needs class-conditional data")
     prepare_out(cfg)

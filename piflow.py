@@ -54,6 +54,7 @@ class Config:
     policy: str = "gm"             # gm | dx
     nfes: str = "1,4"              # one student per NFE count, trained side by side (paper: 1, 2 on ImageNet; 4 on T2I)
     trainer: str = "data"          # data: segment starts are noised data (PiFlowImitation) | datafree: chained rollouts
+    train_size: int = 0            # the data trainer's data: the first N examples, or N samples drawn once from a world
     steps: int = 400               # toy scale (ImageNet 1-NFE: 140k iterations at batch 4096)
     batch: int = 256               # global batch, split across ranks
     num_components: int = 32       # K of the GM policy (ImageNet 32, FLUX/Qwen 8)
@@ -406,7 +407,7 @@ def train(cfg):
     d = setup_dist(cfg.device, cfg.seed)
     nfes = check_config(cfg, d.world)
     prepare_out(cfg)
-    data = DataSource(cfg.bench_data if cfg.bench else cfg.data, seed=cfg.seed)
+    data = DataSource(cfg.bench_data if cfg.bench else cfg.data, seed=cfg.seed, train_size=0 if cfg.bench else cfg.train_size)
     batch = (cfg.bench_batch if cfg.bench else cfg.batch) // d.world
     # --bench: an untrained network stands in for the teacher, so the S teacher calls cost a network call each
     teacher, teacher_net = teacher_for(cfg, data, d.device, {"arch": cfg.arch, "hidden": cfg.hidden, "depth": cfg.depth})

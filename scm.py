@@ -76,6 +76,7 @@ class Config:
     guidance_range: str = ""       # "lo,hi": draw the sCD CFG scale per example from U[lo, hi] and feed it to F
                                    # (paper ImageNet 512: U[1, 2])
     image_size: int = 32           # image folders are resized to this (must match the teacher)
+    train_size: int = 0            # sCT's data: the first N examples, or N samples drawn once from a world. 0: all
     dropout: float = 0.0           # student dropout (paper: 0.2 sCT / 0 sCD on CIFAR-10); same mask in both passes
     grad_clip: float = 0.0         # 0: off (the paper does not clip)
     arch: str = "auto"             # with --teacher gmm: trunk of the network fitted to the world: auto (MLP for
@@ -303,7 +304,8 @@ def data_sigma_d(data):
 
 def train(cfg):
     d = setup_dist(cfg.device, cfg.seed)
-    data = DataSource(cfg.bench_data if cfg.bench else cfg.data, cfg.image_size, seed=cfg.seed)
+    data = DataSource(cfg.bench_data if cfg.bench else cfg.data, cfg.image_size, seed=cfg.seed,
+                      train_size=0 if cfg.bench else cfg.train_size)
     if cfg.sigma_d == 0:
         cfg = replace(cfg, sigma_d=data_sigma_d(data))
     times, g_range = check_config(cfg, d.world)

@@ -452,6 +452,31 @@ def test_data_sources_folder_npz_cifar_sharding_flips():
             assert len(common.DataSource(tar_path).data) == 20
 
 
+def test_train_size_keeps_a_fixed_set_from_a_world_or_the_first_examples_of_data():
+    # A world with --train-size: the same N samples for every run seed, cycled epoch by epoch, while the
+    # world itself stays attached for exact scoring
+    a, b = common.DataSource("glyphs16", seed=3, train_size=40), common.DataSource("glyphs16", seed=5, train_size=40)
+    assert torch.equal(a.data, b.data) and torch.equal(a.labels, b.labels) and a.world is not None
+    assert a.data.shape == (40, 1, 16, 16) and a.num_classes == 10
+    seen = torch.cat([a.next_batch(10, "cpu")[0] for _ in range(8)])  # two epochs
+    assert torch.equal(seen[:40].flatten(1).unique(dim=0), a.data.flatten(1).unique(dim=0))
+    assert torch.equal(seen[40:].flatten(1).unique(dim=0), a.data.flatten(1).unique(dim=0))
+    state = a.state_dict()
+    after = a.next_batch(7, "cpu")[0]
+    b.load_state_dict(state)
+    assert torch.equal(b.next_batch(7, "cpu")[0], after)  # resume is exact
+    fresh = common.DataSource("glyphs16")
+    assert fresh.data is None and not torch.equal(fresh.next_batch(40, "cpu")[0], a.data)
+    with tempfile.TemporaryDirectory() as tmp:  # data on disk: the first N examples
+        arr = np.arange(10 * 4 * 4 * 3, dtype=np.uint8).reshape(10, 4, 4, 3)
+        np.savez(os.path.join(tmp, "imgs.npz"), arr_0=arr, labels=np.arange(10) % 3)
+        src = common.DataSource(os.path.join(tmp, "imgs.npz"), train_size=4)
+        assert len(src.data) == 4 and src.labels.tolist() == [0, 1, 2, 0]
+        assert torch.equal(src.data, torch.from_numpy(arr[:4]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        expect_fail(lambda: common.DataSource(os.path.join(tmp, "imgs.npz"), train_size=11), "imgs.npz", "exceeds the 10")
+    expect_fail(lambda: common.DataSource("glyphs16", train_size=-1), "--train-size -1", "must be >= 0")
+
+
 class tarfile_of:
     """Pack a folder as cifar-10-python.tar.gz (the published layout) for the duration of a with-block."""
 
