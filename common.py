@@ -1584,7 +1584,9 @@ class TeacherConfig:
     label_dropout: float = 0.1  # null-label rate, for classifier-free guidance
     logit_mean: float = 0.0     # t = sigmoid(N(logit_mean, logit_std)): logit-normal (SD3)
     logit_std: float = 1.0
-    hidden: int = 128           # trunk width (MLP for vectors, DiT for images)
+    arch: str = "auto"          # trunk: auto (MLP for vectors, DiT for images) | mlp (images flattened; the image
+                                # recipe's network, README "Images") | dit
+    hidden: int = 128           # trunk width
     depth: int = 4
     norm: str = "adaln_zero"    # adaln_zero | adn (sCM's adaptive double normalisation)
     time_scale: float = 1000.0  # frequency scale of the sinusoidal time input (sCM students want a small one, §4.1)
@@ -1611,7 +1613,7 @@ def train_teacher(cfg):
     if cfg.batch % d.world:
         fail(f"--batch {cfg.batch} is not divisible by the number of processes {d.world}")
     batch = cfg.batch // d.world
-    net = new_backbone(data.shape, data.num_classes, hidden=cfg.hidden, depth=cfg.depth, norm=cfg.norm,
+    net = new_backbone(data.shape, data.num_classes, cfg.arch, hidden=cfg.hidden, depth=cfg.depth, norm=cfg.norm,
                        dropout=cfg.dropout, time_scale=cfg.time_scale).to(d.device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
