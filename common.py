@@ -13,6 +13,10 @@ Train a flow-matching teacher (the learned counterpart of the analytic mixture t
     python common.py teacher --data glyphs16 --steps 4000
     python common.py teacher --data /datasets/cifar10 --image-size 32 --steps 400000 --batch 512
     torchrun --standalone --nproc_per_node=8 common.py teacher --data /datasets/cifar10 ...
+
+Measure the methods:
+    python common.py compare       # every method's defaults on checkerboard and glyphs16, one table and picture
+    python common.py claims        # the papers' ablations, distilled from a teacher trained on 4000 glyphs16 samples
 """
 import argparse
 import atexit
@@ -1783,6 +1787,157 @@ def _compare_row(world, name, r, data_nll, seconds, cost, equal_nfe, speedup):
             f"{fmt('ode_err')} | {fmt('cond_acc')} | {seconds} | {cost} | {r['ms_per_sample']:.3f} | {equal_nfe} | {speedup} |")
 
 
+# ---------------------------------------------------------------------------------------------------
+# The papers' claims where the teacher has error:  python common.py claims
+# A teacher trained on a finite sample of an exact world has error, measured against the whole world. Each method
+# is distilled from it with its image recipe, next to its paper's ablation, over several seeds.
+
+CLAIM_RUNS = {  # method: {variant: extra flags}; the first variant is the method's recipe, the others its ablation
+    "dmd2": {"gan_ttur5": [], "no_gan": ["--gan-g", "0", "--gan-d", "0"], "ttur1": ["--ttur", "1"]},
+    "freeflow": {"both": [], "prediction": ["--objective", "prediction"], "correction": ["--objective", "correction"]},
+    "scm": {"scd": [], "sct": ["--mode", "sct"]},
+    "piflow": {"gm_data": [], "dx_data": ["--policy", "dx"], "gm_datafree": ["--trainer", "datafree"]},
+}
+
+
+@dataclass
+class ClaimsConfig:
+    data: str = "glyphs16"      # an image-shaped mixture world: the truth every sampler is scored against
+    train_size: int = 4000      # the teacher's finite training set, drawn once from the world; also the real data
+                                # of DMD2's GAN, sCT and pi-Flow's data trainer
+    teacher_steps: int = 4000   # the recipe's fit budget (4000 x 96, lr 2e-3) on the finite set: on glyphs16 its
+                                # 32-step Euler nll is 2.7 (the fit to the exact velocity: -0.8; the data: -1.6)
+    methods: str = "dmd2,freeflow,scm,piflow"
+    variants: str = ""          # e.g. dmd2:no_gan,freeflow:prediction; empty: every variant of --methods
+    seeds: str = "0,1"
+    jobs: int = 2               # runs side by side, each with OMP_NUM_THREADS=1
+    student_steps: int = 0      # 0: each recipe's own; N: every student trains N steps (smoke runs)
+    eval_samples: int = 4000
+    out: str = "runs/claims"
+
+
+def claims(cfg):
+    """Train the teacher with error once, run every (method, variant, seed) that has no metrics.json yet (a run
+    cut short resumes from its checkpoint), and write claims.md: each student's metrics as mean ± half the range
+    over the seeds, next to its teacher's 32-step Euler sampler and the data, all scored against the true world."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not is_image_world(cfg.data):
+        fail(f"--data {cfg.data!r}: claims need an image-shaped mixture world (glyphs16 or a mixture .npz with shape (C, H, W))")
+    unknown = [m for m in _names(cfg.methods) if m not in CLAIM_RUNS]
+    if unknown or not _names(cfg.methods):
+        fail(f"--methods {cfg.methods!r}: choose from {', '.join(CLAIM_RUNS)} (comma-separated)")
+    runs = [(m, v) for m in _names(cfg.methods) for v in CLAIM_RUNS[m]]
+    if cfg.variants:
+        wanted = _names(cfg.variants)
+        bad = [w for w in wanted if tuple(w.split(":", 1)) not in runs]
+        if bad:
+            fail(f"--variants {', '.join(bad)}: choose from {', '.join(f'{m}:{v}' for m, v in runs)}")
+        runs = [r for r in runs if f"{r[0]}:{r[1]}" in wanted]
+    try:
+        seeds = [int(s) for s in _names(cfg.seeds)]
+    except ValueError:
+        fail(f"--seeds {cfg.seeds!r}: give comma-separated integers, e.g. 0,1")
+    if not seeds or cfg.jobs < 1 or cfg.train_size < 1:
+        fail("--seeds needs at least one seed, --jobs and --train-size at least 1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    teachers = {}
+    for method in sorted({m for m, _ in runs}, key=lambda m: m != "scm"):  # sCM's own network first, if any
+        name = "teacher_scm" if method == "scm" else "teacher"
+        teacher_dir = os.path.join(cfg.out, name)
+        teachers[method] = os.path.join(teacher_dir, "ckpt.pt")
+        if os.path.isfile(os.path.join(teacher_dir, "metrics.json")):
+            continue
+        # the image recipe's fit (4000 x 96, lr 2e-3) on the finite set; sCM's teacher is its own network (adaptive
+        # double normalisation, time scale 10, §4.1) at the rate that suits it, 1e-3, as its fit to the world
+        cmd = [sys.executable, os.path.join(here, "common.py"), "teacher", "--data", cfg.data, "--train-size",
+               str(cfg.train_size), "--arch", "mlp", "--hidden", "512", "--depth", "3", "--steps", str(cfg.teacher_steps),
+               "--batch", "96", "--eval-samples", str(cfg.eval_samples), "--out", teacher_dir]
+        cmd += ["--norm", "adn", "--time-scale", "10", "--lr", "1e-3"] if method == "scm" else ["--lr", "2e-3"]
+        cmd += ["--resume"] if os.path.isfile(teachers[method]) else []
+        print(" ".join(cmd[1:]), flush=True)
+        if subprocess.run(cmd, env=env).returncode != 0:
+            fail(f"training {name} failed; fix the error above and rerun (a checkpoint in {teacher_dir} resumes)")
+    pending, running = [], []
+    for seed in seeds:  # every variant at the first seed first: a cut-short session still has each one once
+        for method, variant in runs:
+            out = os.path.join(cfg.out, method, variant, f"seed{seed}")
+            if os.path.isfile(os.path.join(out, "metrics.json")):
+                continue
+            cmd = [sys.executable, os.path.join(here, f"{method}.py"), "--data", cfg.data, "--teacher", teachers[method],
+                   "--seed", str(seed), "--out", out] + CLAIM_RUNS[method][variant]
+            cmd += [] if method == "freeflow" else ["--train-size", str(cfg.train_size)]  # FreeFlow sees no data
+            cmd += ["--steps", str(cfg.student_steps)] if cfg.student_steps else []
+            cmd += ["--eval-samples", str(cfg.eval_samples)]
+            cmd += ["--resume"] if os.path.isfile(os.path.join(out, "ckpt.pt")) else []
+            pending.append((cmd, out))
+    failed = []
+    while pending or running:
+        while pending and len(running) < cfg.jobs:
+            cmd, out = pending.pop(0)
+            os.makedirs(out, exist_ok=True)
+            print(" ".join(cmd[1:]), flush=True)
+            log = open(os.path.join(out, "run.log"), "a")
+            running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), out, log, time.time()))
+        time.sleep(2)
+        for job in [j for j in running if j[0].poll() is not None]:
+            proc, out, log, start = job
+            running.remove(job)
+            log.close()
+            if proc.returncode != 0:
+                failed.append(out)
+                print(f"  failed: {out} (exit {proc.returncode}; see {out}/run.log)", flush=True)
+            else:
+                m = json.load(open(os.path.join(out, "metrics.json")))
+                m["wall_seconds"] = time.time() - start
+                write_json(os.path.join(out, "metrics.json"), m)
+                print(f"  done: {out} in {m['wall_seconds']:.0f} s", flush=True)
+    text = claims_table(cfg.out, runs, seeds)
+    with open(os.path.join(cfg.out, "claims.md"), "w") as f:
+        f.write(text)
+    print(text + f"wrote {cfg.out}/claims.md")
+    if failed:
+        fail(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix and rerun (finished runs are kept)")
+
+
+def claims_table(root, runs, seeds):
+    """Markdown of every finished (method, variant): student rows as mean ± half the range over the seeds found,
+    then the teacher's 32-step Euler row and the data row (the same noise and labels in every run)."""
+    keys = ["mmd", "swd", "mode_tv", "cond_acc", "nll", "ode_err"]  # ode_err: distance to the teacher's own ODE map
+    lines = ["Scored against the true world; mean ± half the range over the seeds listed.", "",
+             "| method | variant | sampler | NFE | seeds | " + " | ".join(keys) + " | train s | wall s |",
+             "|" + "---|" * (len(keys) + 7)]
+    stat = lambda vs: f"{np.mean(vs):.4f} ± {(max(vs) - min(vs)) / 2:.4f}"
+    for method, variant in runs:
+        found = {s: os.path.join(root, method, variant, f"seed{s}", "metrics.json") for s in seeds}
+        found = {s: json.load(open(p)) for s, p in found.items() if os.path.isfile(p)}
+        if not found:
+            continue
+        groups = {}
+        for m in found.values():
+            for r in m["results"]:
+                key = (r["sampler"], r["nfe"])
+                if r["sampler"] not in ("teacher", "teacher_net", "data") or key in (("teacher", 32), ("data", 0)):
+                    groups.setdefault(key, []).append(r)
+        seconds = lambda k: stat([m.get(k, float("nan")) for m in found.values()])
+        for (sampler, nfe), rs in groups.items():
+            ours = sampler not in ("teacher", "data")
+            cells = [("-" if any(k not in r for r in rs) else stat([r[k] for r in rs]) if ours else f"{rs[0][k]:.4f}")
+                     for k in keys]
+            lines.append(f"| {method} | {variant} | {sampler} | {nfe or '-'} | {','.join(map(str, found))} | "
+                         + " | ".join(cells) + f" | {seconds('train_seconds') if ours else '-'} | "
+                         + f"{seconds('wall_seconds') if ours else '-'} |")
+        gan = [json.loads(line) for s in found for line in open(os.path.join(root, method, variant, f"seed{s}", "log.jsonl"))
+               if method == "dmd2" and "d_real_acc" in line]
+        if gan:  # the GAN critic's accuracy on real and generated samples, first and last quarter of training
+            q = max(1, len(gan) // 4)
+            acc = lambda part, k: np.mean([g[k] for g in part])
+            lines.append(f"| {method} | {variant} | critic accuracy real / fake, first quarter -> last quarter | | | "
+                         f"{acc(gan[:q], 'd_real_acc'):.3f} / {acc(gan[:q], 'd_fake_acc'):.3f} -> "
+                         f"{acc(gan[-q:], 'd_real_acc'):.3f} / {acc(gan[-q:], 'd_fake_acc'):.3f} | | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
 def bench_attention():
     """Forward and forward+backward of a DiT with attention written out (the form inside jvp()) against the fused
     scaled_dot_product_attention (every other pass), side by side in one run, at two sizes."""
@@ -1833,14 +1988,16 @@ def bench_jvp():
 
 
 if __name__ == "__main__":
-    commands = ("teacher", "compare", "bench-attention", "bench-jvp")
+    commands = ("teacher", "compare", "claims", "bench-attention", "bench-jvp")
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         fail("usage: python common.py teacher [--data checkerboard|glyphs16|mix.npz|path ...] | python common.py compare"
-             " | python common.py bench-attention | python common.py bench-jvp; --help lists flags")
+             " | python common.py claims | python common.py bench-attention | python common.py bench-jvp; --help lists flags")
     if sys.argv[1] == "teacher":
         train_teacher(parse_config(TeacherConfig, sys.argv[2:]))
     elif sys.argv[1] == "compare":
         compare(parse_config(CompareConfig, sys.argv[2:]))
+    elif sys.argv[1] == "claims":
+        claims(parse_config(ClaimsConfig, sys.argv[2:]))
     elif sys.argv[1] == "bench-attention":
         bench_attention()
     else:

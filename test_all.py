@@ -3663,6 +3663,39 @@ def test_every_method_runs_its_image_recipe_on_an_rgb_mixture_with_unequal_class
             common.fit_to_world = full
 
 
+def test_claims_run_each_variant_and_seed_once_and_table_the_mean_and_half_range():
+    with tempfile.TemporaryDirectory() as tmp:
+        rgb, out = rgb_mixture(os.path.join(tmp, "rgb.npz")), os.path.join(tmp, "claims")
+        args = [sys.executable, "common.py", "claims", "--data", rgb, "--train-size", "40", "--teacher-steps", "3",
+                "--methods", "dmd2", "--variants", "dmd2:gan_ttur5,dmd2:no_gan", "--seeds", "0,1", "--student-steps", "2",
+                "--eval-samples", "60", "--out", out]
+        r = run(args)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert common.load_checkpoint(os.path.join(out, "teacher", "ckpt.pt"))["config"]["train_size"] == 40
+        table = open(os.path.join(out, "claims.md")).read()
+        assert "ttur1" not in table
+        for variant in ("gan_ttur5", "no_gan"):
+            ms = [json.load(open(os.path.join(out, "dmd2", variant, f"seed{s}", "metrics.json"))) for s in (0, 1)]
+            assert all(m["wall_seconds"] > 0 for m in ms)
+            student = [next(r for r in m["results"] if r["sampler"] == "student" and r["nfe"] == 1) for m in ms]
+            assert student[0]["mmd"] != student[1]["mmd"]  # two seeds, two students
+            mean, half = (student[0]["nll"] + student[1]["nll"]) / 2, abs(student[0]["nll"] - student[1]["nll"]) / 2
+            line = next(l for l in table.splitlines() if l.startswith(f"| dmd2 | {variant} | student | 1 | 0,1 |"))
+            assert line.split("|")[10].strip() == f"{mean:.4f} ± {half:.4f}", line
+            teacher32 = next(r for r in ms[0]["results"] if r["sampler"] == "teacher" and r["nfe"] == 32)
+            line = next(l for l in table.splitlines() if l.startswith(f"| dmd2 | {variant} | teacher | 32 |"))
+            assert line.split("|")[10].strip() == f"{teacher32['nll']:.4f}", line
+            assert (f"| dmd2 | {variant} | critic accuracy" in table) == (variant == "gan_ttur5")
+        # a second call finds every run finished: it starts nothing and writes the same table
+        again = run(args)
+        assert again.returncode == 0 and "--seed" not in again.stdout and open(os.path.join(out, "claims.md")).read() == table
+        for bad, word in ((["--methods", "foo"], "--methods"), (["--variants", "dmd2:nope"], "--variants"),
+                          (["--data", "checkerboard"], "--data")):
+            r = run([sys.executable, "common.py", "claims", "--out", os.path.join(tmp, "bad")] + bad)
+            assert r.returncode != 0 and word in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert not os.path.exists(os.path.join(tmp, "bad"))
+
+
 def test_image_fits_default_to_lr_2e3_and_vector_fits_to_1e3():
     # on glyphs16 the recipe's MLP at 2e-3 drew 32-step Euler nll -0.82 against -0.07 at 1e-3
     adam, lrs = torch.optim.Adam, []
