@@ -1907,7 +1907,7 @@ def claims_table(root, runs, seeds):
     lines = ["Scored against the true world; mean ± half the range over the seeds listed.", "",
              "| method | variant | sampler | NFE | seeds | " + " | ".join(keys) + " | train s | wall s |",
              "|" + "---|" * (len(keys) + 7)]
-    stat = lambda vs: f"{np.mean(vs):.4f} ± {(max(vs) - min(vs)) / 2:.4f}"
+    stat = lambda vs, digits=4: f"{np.mean(vs):.{digits}f} ± {(max(vs) - min(vs)) / 2:.{digits}f}"
     for method, variant in runs:
         found = {s: os.path.join(root, method, variant, f"seed{s}", "metrics.json") for s in seeds}
         found = {s: json.load(open(p)) for s, p in found.items() if os.path.isfile(p)}
@@ -1919,7 +1919,7 @@ def claims_table(root, runs, seeds):
                 key = (r["sampler"], r["nfe"])
                 if r["sampler"] not in ("teacher", "teacher_net", "data") or key in (("teacher", 32), ("data", 0)):
                     groups.setdefault(key, []).append(r)
-        seconds = lambda k: stat([m.get(k, float("nan")) for m in found.values()])
+        seconds = lambda k: stat([m.get(k, float("nan")) for m in found.values()], 0)
         for (sampler, nfe), rs in groups.items():
             ours = sampler not in ("teacher", "data")
             cells = [("-" if any(k not in r for r in rs) else stat([r[k] for r in rs]) if ours else f"{rs[0][k]:.4f}")
