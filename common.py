@@ -1927,14 +1927,15 @@ def claims_table(root, runs, seeds):
             lines.append(f"| {method} | {variant} | {sampler} | {nfe or '-'} | {','.join(map(str, found))} | "
                          + " | ".join(cells) + f" | {seconds('train_seconds') if ours else '-'} | "
                          + f"{seconds('wall_seconds') if ours else '-'} |")
-        gan = [json.loads(line) for s in found for line in open(os.path.join(root, method, variant, f"seed{s}", "log.jsonl"))
-               if method == "dmd2" and "d_real_acc" in line]
-        if gan:  # the GAN critic's accuracy on real and generated samples, first and last quarter of training
-            q = max(1, len(gan) // 4)
-            acc = lambda part, k: np.mean([g[k] for g in part])
+        logs = [[json.loads(line) for line in open(os.path.join(root, method, variant, f"seed{s}", "log.jsonl"))
+                 if "d_real_acc" in line] for s in found] if method == "dmd2" else []
+        if all(logs) and logs:  # the GAN critic's accuracy on real and generated samples, first and last quarter of
+            # each seed's training, averaged over the seeds
+            quarter = lambda log, last: log[-max(1, len(log) // 4):] if last else log[:max(1, len(log) // 4)]
+            acc = lambda k, last: np.mean([np.mean([g[k] for g in quarter(log, last)]) for log in logs])
             lines.append(f"| {method} | {variant} | critic accuracy real / fake, first quarter -> last quarter | | | "
-                         f"{acc(gan[:q], 'd_real_acc'):.3f} / {acc(gan[:q], 'd_fake_acc'):.3f} -> "
-                         f"{acc(gan[-q:], 'd_real_acc'):.3f} / {acc(gan[-q:], 'd_fake_acc'):.3f} | | | | | | | |")
+                         f"{acc('d_real_acc', False):.3f} / {acc('d_fake_acc', False):.3f} -> "
+                         f"{acc('d_real_acc', True):.3f} / {acc('d_fake_acc', True):.3f} | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
