@@ -32,6 +32,7 @@ velocity in the project's convention (two sign flips cancel); a test checks the 
 With a learned teacher the image path in --data is never read (data-free); it only names the run.
 """
 import copy
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -42,7 +43,8 @@ import torch.nn as nn
 from common import (DataSource, Logger, NetTeacher, autocast, barrier, bench, build_backbone, check_finite, cleanup,
                     ema_update, evaluate, evaluate_real, fail, flow_matching_loss, format_table, init_from_teacher,
                     is_main, jvp, load_teacher_net, load_training_state, make_world, maybe_compile, parse_config,
-                    prepare_out, print0, reduce_mean, save_training_state, setup_dist, teacher_for, unwrap, wrap_ddp)
+                    prepare_out, print0, reduce_mean, save_training_state, setup_dist, teacher_for, unwrap, wrap_ddp,
+                    write_json)
 
 
 @dataclass
@@ -208,6 +210,55 @@ def one_step_sample(net, z, y, gamma):
 
 
 # ---------------------------------------------------------------------------------------------------
+# On an exact world: the teacher's error at the points the correction queries, against the correction
+
+CHECK_NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@torch.no_grad()
+def correction_check(student, fake_velocity, teacher, world, cfg, n, device, batch=1000):
+    """Per noise level r: RMS per dimension of the teacher's velocity error u - u* (u* the world's exact velocity,
+    under the correction branch's CFG) at the student's noised one-step samples and at noised data; where g is
+    trained, the correction Delta_N = v_g - u, the one the exact velocity would give (v_g - u*), and the mean cosine
+    of the two. A teacher error as large as Delta_N means the correction is steering by the teacher's own error."""
+    gen = torch.Generator().manual_seed(4321)
+    y = torch.arange(n) % world.num_classes if world.num_classes else None
+    z = torch.randn(n, *world.shape, generator=gen)
+    data, _ = world.sample(n, y, generator=gen)
+    rms = lambda v: float(v.pow(2).mean().sqrt())
+    rows = []
+    for r in CHECK_NOISE_LEVELS:
+        diffs = {"teacher_err_student": [], "teacher_err_data": [], "correction": [], "exact_correction": []}
+        cosines = []
+        for i in range(0, n, batch):
+            yy = None if y is None else y[i:i + batch].to(device)
+            gamma = torch.full((len(z[i:i + batch]),), cfg.guidance if y is not None else 1.0, device=device)
+            x_hat = one_step_sample(student, z[i:i + batch].to(device), yy, gamma)
+            for name, x0 in (("student", x_hat), ("data", data[i:i + batch].to(device))):
+                x_r = (1 - r) * x0 + r * torch.randn(x0.shape, generator=gen).to(device)
+                u = teacher.velocity(x_r, r, yy, gamma, interval=(0.0, cfg.corr_guidance_max))
+                u_exact = world.velocity(x_r.double(), r, yy, gamma.double(), interval=(0.0, cfg.corr_guidance_max))
+                u_exact = u_exact.to(u.dtype)
+                diffs[f"teacher_err_{name}"].append(u - u_exact)
+                if name == "student" and cfg.objective != "prediction":  # g is trained only with the correction
+                    v_g = fake_velocity(x_r, torch.full_like(gamma, r), yy, gamma)
+                    diffs["correction"].append(v_g - u)
+                    diffs["exact_correction"].append(v_g - u_exact)
+                    cosines.append(nn.functional.cosine_similarity((v_g - u).flatten(1), (v_g - u_exact).flatten(1)))
+        row = {"r": r, **{k: rms(torch.cat(v)) for k, v in diffs.items() if v}}
+        if cosines:
+            row["cosine"] = float(torch.cat(cosines).mean())
+        rows.append(row)
+    return rows
+
+
+def format_check(rows):
+    keys = [k for k in rows[0] if k != "r"]
+    return "\n".join(["correction check (RMS per dimension)  r  " + "  ".join(keys)]
+                     + [f"  {row['r']:.1f}  " + "  ".join(f"{row[k]:.4f}" for k in keys) for row in rows])
+
+
+# ---------------------------------------------------------------------------------------------------
 # Training: noise and labels in, nothing else
 
 def sample_conditions(batch, num_classes, cfg, device):
@@ -357,6 +408,10 @@ def train(cfg):
                             "freeflow", train_seconds, "gmm" if cfg.teacher == "gmm" else "learned",
                             n=cfg.eval_samples, guidance=cfg.guidance, device=d.device, teacher_net=teacher_net)
             print0(format_table(rows))
+            check = correction_check(ema, fake_velocity, teacher, world, cfg, cfg.eval_samples, d.device)
+            metrics_path = os.path.join(cfg.out, "metrics.json")
+            write_json(metrics_path, {**json.load(open(metrics_path)), "correction_check": check})
+            print0(format_check(check))
     else:
         evaluate_real([{"sampler": "student", "nfe": 1, "fn": sampler}], shape, num_classes, cfg, "freeflow",
                       train_seconds, d.device)

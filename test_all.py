@@ -1196,6 +1196,45 @@ def test_freeflow_one_step_sample_is_z_minus_the_average_velocity_from_the_prior
     assert torch.allclose(freeflow.one_step_sample(net, z, y, gamma), expected, atol=1e-6)
 
 
+class OffsetVelocity:
+    """The world's exact velocity plus a constant vector: a teacher (or g) whose error is known exactly."""
+
+    def __init__(self, world, offset):
+        self.world, self.offset = world, offset
+
+    def velocity(self, x, t, y=None, cfg=1.0, interval=None):
+        return self.world.velocity(x.double(), t, y, cfg, interval).float() + self.offset
+
+
+def test_freeflow_correction_check_separates_the_teachers_error_from_the_correction():
+    """With u = u* + c and v_g = u* + b: teacher error |c|, correction Delta_N = v_g - u = b - c, the exact
+    correction v_g - u* = b, cosine (b - c).b / (|b - c| |b|), at every noise level, at student and data points."""
+    world = common.GaussianMixture([0.3, 0.7], [[1.0, 0.0], [-1.0, 0.5]], [0.2], labels=[0, 1])
+    c, b = torch.tensor([0.3, 0.0]), torch.tensor([0.0, 0.4])
+    teacher, g = OffsetVelocity(world, c), OffsetVelocity(world, b)
+    fake_velocity = lambda x, t, y, gamma: g.velocity(x, t, y, gamma, interval=(0.0, 0.7))
+    student = lambda z, t, y, s=None, g=None: 0.5 * z  # one-step samples z / 2
+    cfg = types.SimpleNamespace(guidance=2.0, corr_guidance_max=0.7, objective="both")
+    rows = freeflow.correction_check(student, fake_velocity, teacher, world, cfg, 300, "cpu", batch=128)
+    assert [r["r"] for r in rows] == list(freeflow.CHECK_NOISE_LEVELS)
+    rms = lambda v: float(v.pow(2).mean().sqrt())
+    for r in rows:
+        assert abs(r["teacher_err_student"] - rms(c)) < 1e-5 and abs(r["teacher_err_data"] - rms(c)) < 1e-5
+        assert abs(r["correction"] - rms(b - c)) < 1e-5 and abs(r["exact_correction"] - rms(b)) < 1e-5
+        assert abs(r["cosine"] - 0.8) < 1e-5
+    # g is trained only with the correction: prediction alone reports the teacher's error only
+    rows = freeflow.correction_check(student, fake_velocity, teacher, world, types.SimpleNamespace(
+        guidance=2.0, corr_guidance_max=0.7, objective="prediction"), 300, "cpu")
+    assert set(rows[0]) == {"r", "teacher_err_student", "teacher_err_data"}
+    # the error is measured where the samples are: a teacher wrong only far from the data is wrong at a student
+    # that lands there and right at the data
+    far = lambda z, t, y, s=None, g=None: z - 20.0  # samples near +20
+    wrong_far = types.SimpleNamespace(velocity=lambda x, t, y=None, cfg=1.0, interval=None: world.velocity(
+        x.double(), t, y, cfg, interval).float() + c * (x[:, :1] > 8))
+    rows = freeflow.correction_check(far, fake_velocity, wrong_far, world, cfg, 300, "cpu")
+    assert rows[0]["teacher_err_data"] < 1e-6 and abs(rows[0]["teacher_err_student"] - rms(c)) < 1e-5
+
+
 def test_freeflow_training_never_touches_data():
     """The loop takes noise and labels only: from the moment the teacher exists until evaluation,
     drawing a data batch or a sample of the world raises."""
@@ -1259,6 +1298,11 @@ def test_freeflow_short_run_lowers_prediction_residual_and_resumes_exactly():
         rows = json.load(open(os.path.join(tmp, "run", "metrics.json")))["results"]
         student = [r for r in rows if r["sampler"] == "student"][0]
         assert student["nfe"] == 1 and math.isfinite(student["swd"]) and "ode_err" in student
+        # with the analytic teacher the correction check finds no teacher error: Delta_N is the exact correction
+        check = json.load(open(os.path.join(tmp, "run", "metrics.json")))["correction_check"]
+        assert len(check) == len(freeflow.CHECK_NOISE_LEVELS)
+        assert all(r["teacher_err_student"] < 1e-4 and abs(r["correction"] - r["exact_correction"]) < 1e-4
+                   and r["correction"] > 0.1 for r in check), check  # float32 teacher against the float64 truth
 
 
 def test_freeflow_torchrun_two_processes_class_conditional_learned_teacher():
