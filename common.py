@@ -1902,12 +1902,14 @@ def claims(cfg):
 
 def claims_table(root, runs, seeds):
     """Markdown of every finished (method, variant): student rows as mean ± half the range over the seeds found,
-    then the teacher's 32-step Euler row and the data row (the same noise and labels in every run)."""
+    then the teacher's 32-step Euler row and the data row (the same noise and labels in every run); DMD2's critic
+    accuracy and FreeFlow's correction check, where the runs recorded them."""
     keys = ["mmd", "swd", "mode_tv", "cond_acc", "nll", "ode_err"]  # ode_err: distance to the teacher's own ODE map
     lines = ["Scored against the true world; mean ± half the range over the seeds listed.", "",
              "| method | variant | sampler | NFE | seeds | " + " | ".join(keys) + " | train s | wall s |",
              "|" + "---|" * (len(keys) + 7)]
     stat = lambda vs, digits=4: f"{np.mean(vs):.{digits}f} ± {(max(vs) - min(vs)) / 2:.{digits}f}"
+    check_rows = []
     for method, variant in runs:
         found = {s: os.path.join(root, method, variant, f"seed{s}", "metrics.json") for s in seeds}
         found = {s: json.load(open(p)) for s, p in found.items() if os.path.isfile(p)}
@@ -1936,6 +1938,19 @@ def claims_table(root, runs, seeds):
             lines.append(f"| {method} | {variant} | critic accuracy real / fake, first quarter -> last quarter | | | "
                          f"{acc('d_real_acc', False):.3f} / {acc('d_fake_acc', False):.3f} -> "
                          f"{acc('d_real_acc', True):.3f} / {acc('d_fake_acc', True):.3f} | | | | | | | |")
+        checks = [m["correction_check"] for m in found.values() if "correction_check" in m]
+        if checks and len(checks) == len(found):  # FreeFlow: the teacher's error where the correction queries it
+            check_rows.append((variant, ",".join(map(str, found)), checks))
+    if check_rows:
+        keys = ["teacher_err_student", "teacher_err_data", "correction", "exact_correction", "cosine"]
+        lines += ["", "FreeFlow's correction check (freeflow.correction_check): RMS per dimension at the noise level r, "
+                  "mean over the seeds; u the teacher's velocity, u* the exact one, v_g the online network's.", "",
+                  "| variant | seeds | r | u - u* at student | u - u* at data | correction v_g - u | v_g - u* | cosine |",
+                  "|" + "---|" * 8]
+        for variant, seed_list, checks in check_rows:
+            for i, row in enumerate(checks[0]):
+                cells = [f"{np.mean([c[i][k] for c in checks]):.4f}" if k in row else "-" for k in keys]
+                lines.append(f"| {variant} | {seed_list} | {row['r']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -3707,6 +3707,22 @@ def test_every_method_runs_its_image_recipe_on_an_rgb_mixture_with_unequal_class
             common.fit_to_world = full
 
 
+def test_claims_table_averages_freeflows_correction_check_over_the_seeds():
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed, scale in ((0, 1.0), (1, 3.0)):
+            run_dir = os.path.join(tmp, "freeflow", "both", f"seed{seed}")
+            os.makedirs(run_dir)
+            check = [{"r": r, "teacher_err_student": scale * r, "teacher_err_data": 0.5, "correction": 0.25,
+                      "exact_correction": 2 * r, "cosine": 0.1 * scale} for r in (0.1, 0.5)]
+            common.write_json(os.path.join(run_dir, "metrics.json"), {"results": [
+                {"sampler": "student", "nfe": 1, "mmd": scale}], "correction_check": check})
+        table = common.claims_table(tmp, [("freeflow", "both")], [0, 1])
+        assert "| both | 0,1 | 0.1 | 0.2000 | 0.5000 | 0.2500 | 0.2000 | 0.2000 |" in table, table
+        assert "| both | 0,1 | 0.5 | 1.0000 | 0.5000 | 0.2500 | 1.0000 | 0.2000 |" in table, table
+        os.remove(os.path.join(tmp, "freeflow", "both", "seed1", "metrics.json"))  # one seed only: its own numbers
+        assert "| both | 0 | 0.5 | 0.5000 |" in common.claims_table(tmp, [("freeflow", "both")], [0, 1])
+
+
 def test_claims_run_each_variant_and_seed_once_and_table_the_mean_and_half_range():
     with tempfile.TemporaryDirectory() as tmp:
         rgb, out = rgb_mixture(os.path.join(tmp, "rgb.npz")), os.path.join(tmp, "claims")
