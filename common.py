@@ -1170,16 +1170,20 @@ def write_json(path, obj):
 
 
 class Logger:
-    """jsonl log and a tqdm bar, on rank 0 only."""
+    """jsonl log and a tqdm bar, on rank 0 only. Each line carries the training seconds so far ("seconds"), summed
+    over the segments of a resumed run, so that a run's reported training time survives its interruptions."""
 
     def __init__(self, out, total, start=0, desc="train"):
         self.main = is_main()
         self.file = None
+        self.start_time, self.seconds_before = time.time(), 0.0
         if self.main:  # a fresh run starts the log; a resumed one keeps the lines up to its checkpoint's step
             path = os.path.join(out, "log.jsonl")
             kept = []
             if start and os.path.isfile(path):
                 kept = [line for line in open(path) if line.strip() and json.loads(line).get("step", 0) <= start]
+            if kept:  # the time of the previous segments, up to their last line kept (written with the checkpoint)
+                self.seconds_before = json.loads(kept[-1]).get("seconds", 0.0)
             self.file = open(path, "w")
             self.file.writelines(kept)
         self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, disable=not self.main,
@@ -1191,11 +1195,16 @@ class Logger:
     def log(self, step, scalars):
         scalars = reduce_mean(scalars)
         if self.main:
-            self.file.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in scalars.items()}}) + "\n")
+            self.file.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in scalars.items()},
+                                        "seconds": round(self.seconds(), 1)}) + "\n")
             self.file.flush()
             # refresh=False: shown at the next redraw mininterval allows (a redraw per log would flood a non-tty log)
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in list(scalars.items())[:4]}, refresh=False)
         return scalars
+
+    def seconds(self):
+        """Training seconds of this run: the previous segments' (rank 0) and this one's."""
+        return self.seconds_before + time.time() - self.start_time
 
     def close(self):
         self.bar.close()
@@ -1627,7 +1636,6 @@ def train_teacher(cfg):
         step = load_training_state(ckpt_path, cfg, state, data, d.device)
     model = maybe_compile(wrap_ddp(net), cfg.compile)
     logger = Logger(cfg.out, cfg.steps, step, desc="teacher")
-    t_start = time.time()
 
     while step < cfg.steps:
         x0, y = data.next_batch(batch, d.device)
@@ -1649,8 +1657,8 @@ def train_teacher(cfg):
             logger.log(step, {"loss": loss.item(), "grad_norm": grad_norm.item()})
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save_training_state(ckpt_path, cfg, step, state, data, extra={"backbone": net._spec})
+    train_seconds = logger.seconds()
     logger.close()
-    train_seconds = time.time() - t_start
     if is_main():
         if data.world is not None:
             teacher = NetTeacher(ema)

@@ -31,7 +31,6 @@ Every loss below lives in x0 space as in the official code, so only the time axi
 """
 import copy
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -427,7 +426,6 @@ def train(cfg):
         return None
 
     logger = Logger(cfg.out, cfg.steps, step, desc="dmd2")
-    t_start = time.time()
     while step < cfg.steps:
         stats = iteration(step)
         step += 1
@@ -436,8 +434,8 @@ def train(cfg):
             logger.log(step, stats)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save_training_state(ckpt_path, cfg, step, state, data, extra={"backbone": generator._spec})
+    train_seconds = logger.seconds()
     logger.close()
-    train_seconds = time.time() - t_start
 
     net = ema if ema is not None else generator
     samplers = [{"sampler": "student", "nfe": 1, "fn": lambda z, y: multistep_sample(net, z, y, times[:1])}]

@@ -34,7 +34,6 @@ With a learned teacher the image path in --data is never read (data-free); it on
 import copy
 import json
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -387,7 +386,6 @@ def train(cfg):
         return None
 
     logger = Logger(cfg.out, cfg.steps, step, desc="freeflow")
-    t_start = time.time()
     while step < cfg.steps:
         stats = train_step(min(1.0, (step + 1) / max(cfg.lr_warmup, 1)))
         ema_update(ema, model, cfg.ema_decay)
@@ -397,8 +395,8 @@ def train(cfg):
             logger.log(step, stats)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save_training_state(ckpt_path, cfg, step, state, None, extra={"backbone": student._spec})
+    train_seconds = logger.seconds()
     logger.close()
-    train_seconds = time.time() - t_start
 
     g = cfg.guidance if num_classes else 1.0
     sampler = lambda z, y: one_step_sample(ema, z, y, torch.full((len(z),), g, device=z.device))

@@ -476,7 +476,6 @@ def train(cfg):
         return None
 
     logger = Logger(cfg.out, cfg.steps, step, desc="piflow")
-    t_start = time.time()
     while step < cfg.steps:
         stats = {}
         for n in nfes:
@@ -491,8 +490,8 @@ def train(cfg):
             logger.log(step, stats)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save_training_state(ckpt_path, cfg, step, state, data, extra={"backbone": students[nfes[0]].net._spec})
+    train_seconds = logger.seconds()
     logger.close()
-    train_seconds = time.time() - t_start
 
     samplers = [{"sampler": "student", "nfe": n, "ode": True,
                  "fn": (lambda n_: lambda z, y: sample(emas[n_], z, y, n_, cfg))(n)} for n in nfes]

@@ -33,7 +33,6 @@ x0_hat = x_r - r u, eps_hat = x_r + (1 - r) u:   sigma_d F_teacher = cos(t) sigm
 import copy
 import math
 import os
-import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -381,7 +380,6 @@ def train(cfg):
         return None
 
     logger = Logger(cfg.out, cfg.steps, step, desc=cfg.mode)
-    t_start = time.time()
     while step < cfg.steps:
         stats = train_step()
         ema_update(ema, model, cfg.ema_decay)
@@ -391,8 +389,8 @@ def train(cfg):
             logger.log(step, stats)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save_training_state(ckpt_path, cfg, step, state, data, extra={"backbone": net._spec})
+    train_seconds = logger.seconds()
     logger.close()
-    train_seconds = time.time() - t_start
 
     def sampler(steps):
         return lambda z, y: sample(ema, z, y, steps, None if g_range is None else torch.full((len(z),), cfg.guidance,

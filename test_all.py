@@ -511,6 +511,27 @@ def test_logger_does_not_redraw_its_bar_per_log_line_off_a_tty():
             assert len(f.readlines()) == 300
 
 
+def test_logger_training_seconds_add_up_over_the_segments_of_a_resumed_run():
+    """A run resumed at step 20 keeps the log up to there and counts the seconds recorded with it: the
+    train_seconds of metrics.json is the whole run's, not the last segment's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = common.Logger(tmp, total=40)
+        log.log(10, {"loss": 1.0})
+        assert json.loads(open(os.path.join(tmp, "log.jsonl")).read())["seconds"] < 5
+        log.close()
+        with open(os.path.join(tmp, "log.jsonl"), "w") as f:  # a first segment of 200 s, cut after step 30
+            f.writelines(json.dumps({"step": s, "loss": 1.0, "seconds": 100.0 * s / 10}) + "\n" for s in (10, 20, 30))
+        log = common.Logger(tmp, total=40, start=20)
+        assert 200.0 <= log.seconds() < 205.0
+        log.log(30, {"loss": 0.5})
+        log.close()
+        lines = [json.loads(line) for line in open(os.path.join(tmp, "log.jsonl"))]
+        assert [line["step"] for line in lines] == [10, 20, 30] and 200.0 <= lines[-1]["seconds"] < 205.0
+        fresh = common.Logger(tmp, total=40)  # a fresh run starts from zero
+        assert fresh.seconds() < 5
+        fresh.close()
+
+
 def test_teacher_resume_is_bit_exact():
     with tempfile.TemporaryDirectory() as tmp:
         base = dict(steps=12, ckpt_every=6, log_every=6, eval_samples=200, batch=64, hidden=32, depth=2)

@@ -1023,7 +1023,6 @@ def train(cfg):
         return None
 
     logger = Logger(cfg.out, cfg.steps, step, desc=f"undistill ({cfg.adapter})")
-    t_start = time.time()
     while step < cfg.steps:
         stats = train_step(min(1.0, (step + 1) / cfg.lr_warmup))
         step += 1
@@ -1032,8 +1031,8 @@ def train(cfg):
             logger.log(step, stats)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save_run(cfg, step, net, model, opt, data)
+    train_seconds = logger.seconds()
     logger.close()
-    train_seconds = time.time() - t_start
     if is_main() and cfg.save_merged and not cfg.fsdp:
         save_safetensors(merge_adapters(copy.deepcopy(model)).state_dict(), os.path.join(cfg.out, "merged.safetensors"))
     if toy and cfg.fsdp:  # FSDP modules cannot be deep-copied: the table samples an unsharded copy
