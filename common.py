@@ -1022,6 +1022,9 @@ def load_teacher_net(path, device="cpu"):
     return net.eval().requires_grad_(False)
 
 
+IMAGE_FIT = {"steps": 4000, "batch": 96, "lr": 2e-3}  # the fit to an image world (fit_to_world; claims' teacher)
+
+
 def fit_to_world(world, arch_kwargs=None, steps=None, batch=None, lr=None, device="cpu", cache_dir="runs/cache"):
     """A backbone regressed onto the exact mixture velocity (with the null label for CFG), cached under
     runs/. With the analytic teacher this is the network that students copy, as the papers copy their
@@ -1036,7 +1039,8 @@ def fit_to_world(world, arch_kwargs=None, steps=None, batch=None, lr=None, devic
     arch_kwargs["arch"] = resolve_arch(arch_kwargs.get("arch"), world.shape)  # one cache key for 'auto' and its pick
     if arch_kwargs["arch"] == "dit":
         arch_kwargs.setdefault("patch", 4)
-    steps, batch, lr = steps or (4000 if image else 1000), batch or (96 if image else 512), lr or (2e-3 if image else 1e-3)
+    fit = IMAGE_FIT if image else {"steps": 1000, "batch": 512, "lr": 1e-3}
+    steps, batch, lr = steps or fit["steps"], batch or fit["batch"], lr or fit["lr"]
     key = hashlib.sha1(json.dumps([world.spec(), arch_kwargs, steps, batch, lr], sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"fit-{world.name}-{key}.pt")
     if is_main() and not os.path.isfile(path):
@@ -1813,8 +1817,8 @@ class ClaimsConfig:
     data: str = "glyphs16"      # an image-shaped mixture world: the truth every sampler is scored against
     train_size: int = 4000      # the teacher's finite training set, drawn once from the world; also the real data
                                 # of DMD2's GAN, sCT and pi-Flow's data trainer
-    teacher_steps: int = 4000   # the recipe's fit budget (4000 x 96, lr 2e-3) on the finite set: on glyphs16 its
-                                # 32-step Euler nll is 2.7 (the fit to the exact velocity: -0.8; the data: -1.6)
+    teacher_steps: int = IMAGE_FIT["steps"]  # the recipe's fit budget (IMAGE_FIT) on the finite set: on glyphs16
+                                # its 32-step Euler nll is 2.7 (the fit to the exact velocity: -0.8; the data: -1.6)
     methods: str = "dmd2,freeflow,scm,piflow"
     variants: str = ""          # e.g. dmd2:no_gan,freeflow:prediction; empty: every variant of --methods
     seeds: str = "0,1"
@@ -1856,12 +1860,12 @@ def claims(cfg):
         teachers[method] = os.path.join(teacher_dir, "ckpt.pt")
         if os.path.isfile(os.path.join(teacher_dir, "metrics.json")):
             continue
-        # the image recipe's fit (4000 x 96, lr 2e-3) on the finite set; sCM's teacher is its own network (adaptive
+        # the image recipe's fit (IMAGE_FIT) on the finite set; sCM's teacher is its own network (adaptive
         # double normalisation, time scale 10, §4.1) at the rate that suits it, 1e-3, as its fit to the world
         cmd = [sys.executable, os.path.join(here, "common.py"), "teacher", "--data", cfg.data, "--train-size",
                str(cfg.train_size), "--arch", "mlp", "--hidden", "512", "--depth", "3", "--steps", str(cfg.teacher_steps),
-               "--batch", "96", "--eval-samples", str(cfg.eval_samples), "--out", teacher_dir]
-        cmd += ["--norm", "adn", "--time-scale", "10", "--lr", "1e-3"] if method == "scm" else ["--lr", "2e-3"]
+               "--batch", str(IMAGE_FIT["batch"]), "--eval-samples", str(cfg.eval_samples), "--out", teacher_dir]
+        cmd += ["--norm", "adn", "--time-scale", "10", "--lr", "1e-3"] if method == "scm" else ["--lr", str(IMAGE_FIT["lr"])]
         cmd += ["--resume"] if os.path.isfile(teachers[method]) else []
         print(" ".join(cmd[1:]), flush=True)
         if subprocess.run(cmd, env=env).returncode != 0:
