@@ -1818,7 +1818,7 @@ class ClaimsConfig:
     train_size: int = 4000      # the teacher's finite training set, drawn once from the world; also the real data
                                 # of DMD2's GAN, sCT and pi-Flow's data trainer
     teacher_steps: int = IMAGE_FIT["steps"]  # the recipe's fit budget (IMAGE_FIT) on the finite set: on glyphs16
-                                # its 32-step Euler nll is 2.7 (the fit to the exact velocity: -0.8; the data: -1.6)
+                                # its 32-step Euler nll is 2.7 (the fit to the exact velocity: -1.0; the data: -1.6)
     methods: str = "dmd2,freeflow,scm,piflow"
     variants: str = ""          # e.g. dmd2:no_gan,freeflow:prediction; empty: every variant of --methods
     seeds: str = "0,1"
