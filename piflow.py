@@ -102,8 +102,8 @@ class Config:
     # The fitted network is a wide MLP on flat pixels: on glyphs16 the DiT fit followed the label in 56 % of
     # its own 32-step samples. Teacher CFG 1.5 (the paper's ImageNet teachers: 2.7-3.2) sharpens the 4-NFE student
     # on two seeds: mmd 0.039 / 0.037 -> 0.032 / 0.029, nll 0.79 / 0.85 -> 0.51 / 0.53 (mode_tv 0.19 -> 0.21).
-    # 4000 steps fill the budget (1046 s wall beside a job) and sharpen the 4-NFE student further (seed 0: mmd
-    # 0.030 -> 0.023, nll 0.25 -> 0.03 against 2000 steps).
+    # 4000 steps fill the budget (1046 / 1082 s wall beside a job, seeds 0 / 1) and sharpen the 4-NFE student
+    # further (seed 0: mmd 0.030 -> 0.023, nll 0.25 -> 0.03 against 2000 steps; seed 1 at 4000: 0.025, 0.06).
     IMAGE_RECIPE = {"arch": "mlp", "hidden": 512, "depth": 3,
                     "steps": 4000, "batch": 64, "lr": 1e-4, "guidance": 1.5,
                     "num_components": 8}  # K of the FLUX/Qwen recipe: at K = 32 the GM rollout made a step 4x slower
